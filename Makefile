@@ -4,7 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build resolves from the local wheel cache here; an open range would pull CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-export TRITON_INTERPRET ?= 0
 
 .PHONY: setup demo test bench clean
 
