@@ -1,0 +1,86 @@
+"""The autograd Function that ties a LoRA op's forward to its backward.
+
+`LoraLinearFunction.apply(x, A, B, bias, weight, scaling, dropout_p, seed, ops)` runs
+`ops.lora_forward` and, in backward, `ops.lora_backward`, where `ops` is `kernels.reference` or one
+of the Triton op modules (same signatures; see reference.py). Between the passes it saves only
+x [M, K] (the input, which the caller holds anyway), u [M, r] and the LoRA weights A [r, K] and
+B [N, r] (parameters, not copies) through `save_for_backward`; the base weight record and the
+dropout seed ride on ctx as plain attributes. Nothing [N, K]-sized is saved: a quantized W is
+dequantized again (or, in the fused kernels, inside the K loop) in backward.
+
+Autocast: the entry point (`kernels.lora_linear`) resolves torch.autocast before calling apply
+(casts x, A, B, bias to the autocast dtype, as autocast's F.linear would for peft's graph) and
+calls apply with autocast disabled; backward disables autocast too, so the dtypes inside both
+passes are exactly the ones the reference spells out, whatever context `loss.backward()` runs in
+(on CPU the engine runs backward on the calling thread, where an autocast region may be active).
+
+Activation checkpointing works in both modes: with use_reentrant=False the saved tensors go
+through checkpoint's saved-tensor hooks; with use_reentrant=True the forward is re-run. Both
+restore the RNG state before recomputing, so a seed drawn from torch's generator repeats.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from . import reference
+from .weights import BaseWeight
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y [M, N] = x @ deq(W)^T + bias + scaling * (dropout(x) @ A^T) @ B^T, with a fused backward.
+
+    Inputs: x [M, K]; A [r, K], B [N, r] in the LoRA dtype; bias [N] or None; weight: a base weight
+    record (frozen: gets no gradient). Returns grads for x, A, B and bias (each only when needed).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor],
+                weight: BaseWeight, scaling: float, dropout_p: float, seed: Optional[int],
+                ops: ModuleType) -> torch.Tensor:
+        y, u = ops.lora_forward(x, weight, bias, A, B, scaling, dropout_p, seed)  # [M, N], [M, r]
+        ctx.save_for_backward(x, u, A, B)
+        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.ops = weight, scaling, dropout_p, seed, ops
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, u, A, B = ctx.saved_tensors
+        needs_dx, needs_dA, needs_dB, needs_db = ctx.needs_input_grad[:4]
+        with torch.autocast(g.device.type, enabled=False):
+            g = g.contiguous()  # [M, N]; autograd may hand over an expanded or strided gradient
+            dx = dA = dB = db = None
+            if needs_dx or needs_dA or needs_dB:
+                dx, dA, dB = ctx.ops.lora_backward(g, x, u, ctx.weight, A, B, ctx.scaling,
+                                                   ctx.dropout_p, ctx.seed, needs_dx=needs_dx)
+            if needs_db:
+                db = g.sum(0).to(ctx.bias_dtype)  # [N]: nn.Linear's bias gradient
+        return (dx if needs_dx else None, dA if needs_dA else None, dB if needs_dB else None, db,
+                None, None, None, None, None)
+
+
+class BaseLinearFunction(torch.autograd.Function):
+    """y [M, N] = x @ deq(W)^T + bias for the base layer alone (adapter disabled or merged).
+
+    Saves nothing tensor-sized: backward needs only W, which it dequantizes again.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], weight: BaseWeight) -> torch.Tensor:
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return reference.base_forward(x, weight, bias)  # [M, N]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        needs_dx, needs_db = ctx.needs_input_grad[:2]
+        with torch.autocast(g.device.type, enabled=False):
+            dx = db = None
+            if needs_dx:
+                dx = g.to(ctx.x_dtype).mm(reference.dequantize(ctx.weight, ctx.x_dtype))  # [M, K]
+            if needs_db:
+                db = g.sum(0).to(ctx.bias_dtype)  # [N]
+        return dx, db, None
