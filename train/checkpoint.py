@@ -1,0 +1,129 @@
+"""Checkpoints: atomic `accelerator.save_state` directories holding only what a resume needs.
+
+Layout of `<output-dir>/checkpoint-<step>/`: Accelerate's optimizer.bin, scheduler.bin,
+random_states_<rank>.pkl (python/numpy/torch RNG of every process), plus ours:
+adapter_state.safetensors (the trainable parameters only; the frozen base is rebuilt from --model)
+and trainer_state.json (step, epoch, log history, the before-training eval).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .models import TrainError
+
+PREFIX = "checkpoint-"
+STATE = "trainer_state.json"
+ADAPTER_STATE = "adapter_state.safetensors"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (a trainer_state.json inside), oldest step first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = re.fullmatch(PREFIX + r"(\d+)", p.name)
+        if m and (p / STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(spec: str, output_dir: Path) -> Path | None:
+    """'' -> None; 'latest' -> newest checkpoint in output_dir; else the given directory."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise TrainError(f"--resume-from-checkpoint latest: no checkpoint-* directory in {output_dir}; "
+                             f"run without it to start fresh, or pass a checkpoint path")
+        return found[-1]
+    path = Path(spec)
+    if not (path / STATE).is_file():
+        raise TrainError(f"--resume-from-checkpoint {spec}: not a checkpoint directory (no {STATE}); "
+                         f"pass latest or a checkpoint-<step> directory")
+    return path
+
+
+def register_hooks(accelerator) -> None:
+    """Make save_state/load_state store only trainable parameters (the LoRA weights).
+
+    Accelerate would otherwise write the whole model, frozen (maybe quantized) base included, to
+    every checkpoint. The hooks take the model out of Accelerate's lists and handle it themselves.
+    """
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trainable = {n: p.detach().cpu().contiguous()
+                         for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            if accelerator.is_main_process:
+                save_file(trainable, str(Path(output_dir) / _name(i)), metadata={"format": "pt"})
+        weights.clear()  # nothing left for Accelerate to save as model weights
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            state = load_file(str(Path(input_dir) / _name(i)))
+            params = dict(accelerator.unwrap_model(model).named_parameters())
+            missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+            if missing or any(n not in params for n in state):
+                raise TrainError(f"checkpoint {input_dir} does not fit this model "
+                                 f"(missing {missing[:3]}...); resume with the same --model and LoRA flags")
+            with torch.no_grad():
+                for n, t in state.items():
+                    params[n].copy_(t)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _name(i: int) -> str:
+    return ADAPTER_STATE if i == 0 else ADAPTER_STATE.replace(".safetensors", f"_{i}.safetensors")
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: int) -> Path:
+    """Write checkpoint-<step> atomically, then keep only the newest `limit` (<= 0: all).
+
+    Every process calls this (each saves its own RNG state). The directory is written under a
+    temporary name and renamed only when complete, so an interrupt never leaves a half checkpoint
+    under a real name and never touches the previous one.
+    """
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".tmp-{PREFIX}{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # leftover of an interrupted save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE).write_text(json.dumps(state))
+        if final.exists():  # a fresh run re-writing an earlier run's step: swap, then delete old
+            old = output_dir / f".old-{PREFIX}{step}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        ckpts = list_checkpoints(output_dir)
+        # Checkpoints of an earlier, longer run would shadow this one for `latest`: drop them.
+        for p in ckpts:
+            if int(p.name[len(PREFIX):]) > step:
+                shutil.rmtree(p)
+        ckpts = [p for p in ckpts if int(p.name[len(PREFIX):]) <= step]
+        if limit > 0:
+            for p in ckpts[:-limit]:
+                shutil.rmtree(p)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore model (trainable part), optimizer, scheduler and RNG states; return trainer_state."""
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE).read_text())

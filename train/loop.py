@@ -1,0 +1,412 @@
+"""The training loop: one function, top to bottom, in Accelerate's order.
+
+    Accelerator -> seed -> data -> model -> optimizer + schedule -> one prepare -> [resume] ->
+    eval before -> per step: accumulate/backward over the micro-batches, clip, step, schedule,
+    zero_grad, log, eval, checkpoint -> eval after -> samples -> adapter (+ merged model) -> plot.
+
+`run(cfg)` checks the input first (nothing is loaded or written before the checks pass), then calls
+`train_loop`. Only the main process writes files; every process calls save_state (RNG states).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import GradientAccumulationPlugin, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import data as D
+from .config import BUILTIN_MODEL, TrainConfig
+from .evaluate import eval_loss, exact_match, generate_completions, plot_losses, token_losses
+from .models import TrainError, bitsandbytes_problem, is_seq2seq, load_base_model, load_tokenizer
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `before`/`after`: eval_loss, perplexity, tag_exact_match."""
+
+    output_dir: Path
+    adapter_dir: Path
+    merged_dir: Path | None
+    before: dict
+    after: dict
+    log: list[dict] = field(default_factory=list)  # every log.jsonl record, in order
+    samples: list[dict] = field(default_factory=list)  # {prompt, generated, reference}
+    steps: int = 0
+    train_seconds: float = 0.0
+
+
+class TrainInterrupted(RuntimeError):
+    """Ctrl-C during training; `.checkpoint` is the last complete checkpoint (or None)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        where = f"last checkpoint {checkpoint} is intact; continue with --resume-from-checkpoint latest" \
+            if checkpoint else "no checkpoint was written yet"
+        super().__init__(f"interrupted after step {step}; {where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Train a LoRA adapter as `cfg` says; the Python API behind `python -m train`.
+
+    Raises TrainError (one-line message) on bad input before doing any work, TrainInterrupted on
+    Ctrl-C. Tears the process group down at the end, so call it once per process.
+    """
+    resume_path = preflight(cfg)
+    try:
+        return train_loop(cfg, resume_path)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # else torchrun sees workers die with SIGABRT
+
+
+def preflight(cfg: TrainConfig) -> Path | None:
+    """Check every argument that can be checked without loading data or a model; returns the
+    checkpoint to resume from. Writes nothing."""
+    positive = ["max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "r"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise TrainError("set --max-steps > 0 or --num-train-epochs > 0")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise TrainError(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if not 0.0 < cfg.eval_split_size < 1.0:
+        raise TrainError(f"--eval-split-size must be in (0, 1) (got {cfg.eval_split_size})")
+    problem = bitsandbytes_problem(cfg.quantization)
+    if problem:
+        raise TrainError(f"--quantization {cfg.quantization} needs bitsandbytes, but {problem}; "
+                         f"install a bitsandbytes build for this machine or use --quantization none")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainError("--mixed-precision fp16 needs a CUDA GPU (fp16 gradient scaling); "
+                         "use bf16 or no on CPU")
+    if cfg.report_to == "tensorboard" and not _tensorboard_installed():
+        raise TrainError("--report-to tensorboard needs the tensorboard package; install it or use "
+                         "--report-to auto")
+    out = Path(cfg.output_dir)
+    _check_writable(out)
+    return ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
+
+
+def _check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--output-dir {out} exists and is not a directory; choose another path")
+    anc = out
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise TrainError(f"--output-dir {out} cannot be created: {anc} is a file; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise TrainError(f"--output-dir {out} is not writable ({e.strerror} in {anc}); "
+                         f"choose a writable path") from None
+
+
+def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult:
+    """The loop itself. Call `run` instead unless `preflight` already ran."""
+    out = Path(cfg.output_dir)
+    accum = cfg.gradient_accumulation_steps
+    use_tb = cfg.report_to == "tensorboard" or (cfg.report_to == "auto" and _tensorboard_installed())
+
+    if cfg.cpu_threads > 0 or cfg.model == BUILTIN_MODEL:
+        # Tiny matmuls gain nothing from intra-op threads, and on a shared CPU spinning threads
+        # made a step ~30x slower (measured: 0.08 s -> 2.5 s per step of the demo model).
+        torch.set_num_threads(cfg.cpu_threads if cfg.cpu_threads > 0 else 1)
+
+    # Accelerate keeps process-wide singletons; a second run in one process (an ablation loop) with
+    # another mixed precision or accumulation would be refused. Keep PartialState (the process
+    # group), drop the rest.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+    # 1. Accelerator. sync_with_dataloader=False: every optimizer step is a full window of `accum`
+    # micro-batches (the sampler trims each epoch), and the loop fetches a window before running it,
+    # which would otherwise make Accelerate see "end of data" one window early.
+    # step_scheduler_with_optimizer=False: Accelerate would step the schedule once per process.
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
+        mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
+        log_with="tensorboard" if use_tb else None, project_dir=str(out),
+        # torchrun on a machine without GPUs: Accelerate picks gloo (MULTI_CPU) only when told cpu.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+
+    # 2. Seed: model init, LoRA init and dropout all draw from here.
+    set_seed(cfg.seed)
+
+    # 3. Data. The main process loads and tokenizes first (and fills the datasets cache), the others
+    # then read it. Checks on the data raise before the model is loaded.
+    seq2seq = is_seq2seq(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    global_batch = cfg.per_device_train_batch_size * world * accum
+    with accelerator.main_process_first():
+        train_raw, eval_raw = D.load_splits(cfg.dataset, cfg.eval_split_size, cfg.seed)
+        D.check_template(cfg.text_template, train_raw.column_names, cfg.completion_separator,
+                         cfg.completion_only_loss or seq2seq)
+        _check_fits(len(train_raw), global_batch, cfg, world, "rows")
+        if seq2seq:
+            train_tok = D.tokenize_seq2seq(train_raw, tokenizer, cfg.text_template,
+                                           cfg.completion_separator, cfg.max_length)
+            eval_tok = D.tokenize_seq2seq(eval_raw, tokenizer, cfg.text_template,
+                                          cfg.completion_separator, cfg.max_length)
+        else:
+            tok = dict(tokenizer=tokenizer, template=cfg.text_template, separator=cfg.completion_separator,
+                       completion_only=cfg.completion_only_loss, max_length=cfg.max_length)
+            train_tok, eval_tok = D.tokenize_causal(train_raw, **tok), D.tokenize_causal(eval_raw, **tok)
+            if cfg.packing:
+                train_tok, eval_tok = D.pack(train_tok, cfg.max_length), D.pack(eval_tok, cfg.max_length)
+                _check_fits(len(train_tok), global_batch, cfg, world, "packed blocks")
+                if len(eval_tok) == 0:
+                    raise TrainError(f"the eval split packs into 0 blocks of {cfg.max_length} tokens; "
+                                     f"lower --max-length or use --no-packing")
+    collate = D.Collator(tokenizer.pad_token_id)
+    sampler = D.EpochShuffleSampler(len(train_tok), cfg.seed, global_batch)
+    # Own generators: a DataLoader draws a base seed whenever an iterator starts, from the global
+    # RNG unless given one; that draw would shift the dropout masks of a resumed run.
+    train_dl = DataLoader(train_tok, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
+                          collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    eval_dl = DataLoader(eval_tok, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
+                         generator=torch.Generator().manual_seed(cfg.seed))
+    prompt_tpl = D.split_template(cfg.text_template, cfg.completion_separator)
+    n_tag = min(cfg.tag_eval_samples, len(eval_raw)) if prompt_tpl else 0
+    tag_rows = eval_raw.select(range(max(n_tag, min(cfg.num_sample_generations, len(eval_raw)))))
+    tag_rows = tag_rows.to_dict() if len(tag_rows) else {}
+    prompts = D.render(prompt_tpl, tag_rows) if prompt_tpl and tag_rows else []
+    refs = [t[len(p):] for t, p in zip(D.render(cfg.text_template, tag_rows), prompts)] if prompts else []
+
+    # 4. Model: frozen base (maybe quantized) -> kbit preparation -> LoRA layers.
+    from lora_core import LoraConfig, get_lora_model, prepare_model_for_kbit_training
+
+    base = load_base_model(cfg.model, cfg.quantization, cfg.seed, accelerator.device)
+    if cfg.quantization != "none":
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
+        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    lora_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+    model = get_lora_model(base, lora_cfg)
+    model.set_kernel(cfg.kernel)
+    if main:
+        model.print_trainable_parameters()
+
+    # 5. Optimizer over the trainable (LoRA) parameters only, warm-up + decay schedule.
+    steps_per_epoch = len(sampler) // global_batch  # exact: the sampler trims to full global batches
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = transformers.get_scheduler(cfg.lr_scheduler_type, optimizer,
+                                           num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+
+    # 6. One prepare: DDP wrapping, device placement, per-process data sharding, autocast.
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, eval_dl, scheduler)
+    ckpt.register_hooks(accelerator)  # checkpoints hold the LoRA weights, not the frozen base
+
+    # 7. Resume, or evaluate the untouched model ("before").
+    step, log, last_ckpt = 0, [], None
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_path)
+        step, log, before, last_ckpt = state["step"], state["log"], state["before"], resume_path
+    else:
+        before = eval_loss(model, eval_dl, accelerator, seq2seq)
+        before["tag_exact_match"] = _tag_score(accelerator, model, tokenizer, prompts[:n_tag], refs[:n_tag],
+                                              cfg, seq2seq)
+        log.append({"step": 0, **before})
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_log(out / "log.jsonl", log)  # fresh: just "before"; resumed: history up to the checkpoint
+    if use_tb:
+        accelerator.init_trackers("lorafuse", config={k: v for k, v in cfg.to_dict().items()
+                                                      if isinstance(v, (int, float, str, bool))})
+        for rec in log:
+            accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def record(rec: dict) -> None:
+        log.append(rec)
+        if main:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    # 8. Train. Each optimizer step runs `accum` micro-batches per process; the loss is the sum of
+    # token losses over the whole global batch divided by its token count, so 4x1, 1x4 and
+    # 2 processes x 2 compute the same gradient.
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    t_log, tokens_since, loss_since, n_since = time.perf_counter(), 0, 0.0, 0
+    try:
+        while step < total_steps:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            train_dl.set_epoch(epoch)  # the sampler's permutation is a function of (seed, epoch)
+            # Resuming mid-epoch: skip the micro-batches the checkpointed run already consumed.
+            batches = iter(accelerator.skip_first_batches(train_dl, done_in_epoch * accum)
+                           if done_in_epoch else train_dl)
+            for _ in range(done_in_epoch, steps_per_epoch):
+                window = [next(batches) for _ in range(accum)]
+                shift = 0 if seq2seq else 1
+                n_tok = sum((b["labels"][:, shift:] != -100).sum() for b in window)
+                n_tok_all = accelerator.reduce(n_tok.clone(), reduction="sum").clamp(min=1)  # sync point
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for batch in window:
+                    with accelerator.accumulate(model):
+                        s, _ = token_losses(model, batch, seq2seq)
+                        # backward divides by accum and DDP averages over processes: undo both.
+                        accelerator.backward(s.sum() * (accum * world) / n_tok_all)
+                        loss_sum += s.sum().detach()
+                    tokens_since += int(batch["attention_mask"].sum()) * world
+                # sync_gradients is True after the window's last micro-batch: grads are complete.
+                grad_norm = None
+                if cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_since += (accelerator.reduce(loss_sum, reduction="sum") / n_tok_all).item()
+                n_since += 1
+
+                bar.update(1)
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    dt = time.perf_counter() - t_log
+                    rec = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                           "loss": loss_since / n_since, "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": tokens_since / max(dt, 1e-9)}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = float(grad_norm)
+                    record(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                    t_log, tokens_since, loss_since, n_since = time.perf_counter(), 0, 0.0, 0
+                if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < total_steps:
+                    record({"step": step, **eval_loss(model, eval_dl, accelerator, seq2seq)})
+                if cfg.save_steps > 0 and step % cfg.save_steps == 0:
+                    state = {"step": step, "epoch": step / steps_per_epoch, "log": log, "before": before,
+                             "config": cfg.to_dict()}
+                    last_ckpt = ckpt.save_checkpoint(accelerator, out, step, state, cfg.save_total_limit)
+                if step >= total_steps:
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        raise TrainInterrupted(step, last_ckpt) from None
+    bar.close()
+    train_seconds = time.perf_counter() - t_start
+
+    # 9. Evaluate after, sample, save the adapter (PEFT format) and optionally the merged model.
+    after = eval_loss(model, eval_dl, accelerator, seq2seq)
+    after["tag_exact_match"] = _tag_score(accelerator, model, tokenizer, prompts[:n_tag], refs[:n_tag],
+                                         cfg, seq2seq)
+    record({"step": step, **after})
+    samples = []
+    k = min(cfg.num_sample_generations, len(prompts))
+    if main and k:
+        gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts[:k],
+                                   cfg.max_new_tokens, seq2seq)
+        samples = [{"prompt": p, "generated": g, "reference": r}
+                   for p, g, r in zip(prompts[:k], gen, refs[:k])]
+    adapter_dir, merged_dir = out / "adapter", None
+    accelerator.wait_for_everyone()
+    if main:
+        lora = accelerator.unwrap_model(model)
+        lora.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        plot_losses(log, out / "loss.png")
+        if cfg.merge:
+            merged_dir = out / "merged"
+            _save_merged(cfg, adapter_dir, tokenizer, merged_dir)
+        _print_summary(before, after, samples, out, train_seconds, step)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, adapter_dir, merged_dir if cfg.merge else None, before, after, log, samples,
+                       step, train_seconds)
+
+
+def _check_fits(n: int, global_batch: int, cfg: TrainConfig, world: int, what: str) -> None:
+    if n < global_batch:
+        raise TrainError(
+            f"the train split has {n} {what} but one optimizer step needs {global_batch} "
+            f"(--per-device-train-batch-size {cfg.per_device_train_batch_size} x {world} process(es) x "
+            f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps}); lower them or add data")
+
+
+def _tag_score(accelerator, model, tokenizer, prompts, refs, cfg, seq2seq) -> float | None:
+    """Exact match of greedy completions on the first eval prompts (main process; others wait)."""
+    if not prompts:
+        return None
+    score = torch.zeros((), device=accelerator.device)
+    if accelerator.is_main_process:
+        gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts,
+                                   cfg.max_new_tokens, seq2seq)
+        score += exact_match(gen, refs)
+    return accelerator.reduce(score, reduction="sum").item()  # share the main process's number
+
+
+def _save_merged(cfg: TrainConfig, adapter_dir: Path, tokenizer, merged_dir: Path) -> None:
+    """Reload the base unquantized, apply the saved adapter, merge, save model + tokenizer.
+
+    As the QLoRA recipe does: merging into a 4-bit / int8 base would re-quantize the sum and lose
+    the update's precision, so the merged model is full precision whatever --quantization was.
+    """
+    from lora_core import LoraModel
+
+    base = load_base_model(cfg.model, "none", cfg.seed)
+    merged = LoraModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tmp = merged_dir.with_name(".tmp-" + merged_dir.name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if merged_dir.exists():
+        shutil.rmtree(merged_dir)
+    tmp.rename(merged_dir)
+
+
+def _write_log(path: Path, log: list[dict]) -> None:
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
+    tmp.replace(path)
+
+
+def _tensorboard_installed() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _print_summary(before: dict, after: dict, samples: list[dict], out: Path, secs: float, steps: int):
+    def fmt(v, pct=False):
+        if v is None:
+            return "n/a"
+        return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
+
+    print(f"\ntrained {steps} steps in {secs:.1f}s")
+    print(f"{'':18s}{'before':>12s}{'after':>12s}")
+    print(f"{'eval loss':18s}{fmt(before['eval_loss']):>12s}{fmt(after['eval_loss']):>12s}")
+    print(f"{'perplexity':18s}{fmt(before['perplexity']):>12s}{fmt(after['perplexity']):>12s}")
+    print(f"{'tag exact match':18s}{fmt(before.get('tag_exact_match'), True):>12s}"
+          f"{fmt(after.get('tag_exact_match'), True):>12s}")
+    for s in samples:
+        print(f"\nprompt:    {s['prompt']!r}\ngenerated: {s['generated']!r}\nreference: {s['reference']!r}")
+    print(f"\nwrote {out}/log.jsonl, {out}/loss.png, {out}/adapter/" +
+          (f", {out}/merged/" if (out / 'merged').exists() else ""))

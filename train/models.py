@@ -1,0 +1,155 @@
+"""Base model + tokenizer loading: a hub id, a local directory, or the bundled tiny Llama.
+
+Quantization goes through transformers' `BitsAndBytesConfig` (the seeds' path), so the base's
+linear layers are bitsandbytes `Linear4bit` / `Linear8bitLt` that lora_core wraps.
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+import transformers
+
+from .config import BUILTIN_MODEL
+
+ASSETS = Path(__file__).parent / "assets"
+# bos/eos/pad/unk ids match assets/tiny_llama.json (pad 0, bos 1, eos 2).
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+class TrainError(ValueError):
+    """Bad input found before any work: the message names the problem and the fix (one line)."""
+
+
+def build_char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII, built locally (no download).
+
+    Deterministic: ids are SPECIAL_TOKENS then `string.printable` order, so a saved adapter and a
+    rebuilt tokenizer always agree. 101 ids; the bundled model's vocab (128) leaves room.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per char
+    tok.decoder = decoders.Fuse()  # join characters back without separators
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def builtin_config() -> transformers.LlamaConfig:
+    """The bundled tiny Llama's config (train/assets/tiny_llama.json).
+
+    initializer_range 0.1 (~1/sqrt(hidden)) rather than HF's 0.02: the base stays frozen and random,
+    and with 0.02 the frozen lm_head can only produce logits of about +-2.5 after the final RMSNorm,
+    which caps how peaked any LoRA-trained prediction can get.
+    """
+    d = json.loads((ASSETS / "tiny_llama.json").read_text())
+    d.pop("architectures", None)
+    d.pop("model_type", None)
+    return transformers.LlamaConfig(**d)
+
+
+def save_builtin(path: str | Path, seed: int = 0) -> Path:
+    """Build the bundled tiny Llama (seeded random init) + char tokenizer and save both to `path`."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(builtin_config())
+    model.save_pretrained(path)
+    build_char_tokenizer().save_pretrained(path)
+    return path
+
+
+def is_seq2seq(model_name: str) -> bool:
+    """Whether --model is an encoder-decoder; also the first check that --model exists at all."""
+    if model_name == BUILTIN_MODEL:
+        return False
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(model_name)
+    except Exception as e:  # missing dir, offline hub, no config.json: one line, no traceback
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TrainError(f"--model {model_name}: cannot read its config ({first}); pass a local model "
+                         f"directory or a hub id (online)") from None
+    return bool(getattr(cfg, "is_encoder_decoder", False))
+
+
+def bitsandbytes_problem(quantization: str) -> str | None:
+    """Why bitsandbytes cannot quantize here, or None when it can (checked before any work)."""
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError or a broken native library
+        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
+    from transformers.utils import is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():
+        return "transformers reports bitsandbytes as unavailable on this machine"
+    return None
+
+
+def quantization_config(quantization: str) -> transformers.BitsAndBytesConfig | None:
+    """The recipes' BitsAndBytesConfig: nf4 + double quant + bf16 compute; fp4 plain; int8."""
+    if quantization == "none":
+        return None
+    if quantization in ("nf4", "fp4"):
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=(quantization == "nf4"),
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    if quantization == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    raise TrainError(f"unknown --quantization {quantization!r}; use none, nf4, fp4 or int8")
+
+
+def load_tokenizer(model_name: str):
+    """The model's tokenizer (or the built-in char tokenizer), with a pad token for batching."""
+    if model_name == BUILTIN_MODEL:
+        tok = build_char_tokenizer()
+    else:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(model_name)
+        except Exception:
+            if not Path(model_name).is_dir():
+                raise
+            tok = build_char_tokenizer()  # a local tiny model saved without a tokenizer
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; eos is safe since padded labels are -100.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(model_name: str, quantization: str, seed: int,
+                    device: torch.device | str = "cpu"):
+    """The frozen base: bundled tiny Llama (built at `seed`) or `from_pretrained`, maybe quantized.
+
+    A bundled model that must be quantized is first saved to a temp dir, since bitsandbytes
+    quantizes in `from_pretrained`.
+    """
+    qcfg = quantization_config(quantization)
+    if model_name == BUILTIN_MODEL:
+        if qcfg is None:
+            torch.manual_seed(seed)
+            return transformers.LlamaForCausalLM(builtin_config())
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_builtin(tmp, seed)
+            return _from_pretrained(tmp, qcfg, device)
+    return _from_pretrained(model_name, qcfg, device)
+
+
+def _from_pretrained(name: str, qcfg, device):
+    seq2seq = getattr(transformers.AutoConfig.from_pretrained(name), "is_encoder_decoder", False)
+    cls = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    kwargs: dict = {"dtype": torch.float32}
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        # bitsandbytes puts the weights where they are used: this process's device.
+        kwargs["device_map"] = {"": torch.device(device)}
+    return cls.from_pretrained(name, **kwargs)
