@@ -1,0 +1,33 @@
+"""compare: lorafuse against peft, numerically and in speed, and an ablation runner over train.
+
+    python -m compare equivalence --quantization nf4      # row by row vs peft, exit 1 on any FAIL
+    python -m compare speed --steps 20                    # ours vs peft, interleaved, with ratios
+    python -m compare sweep --grid r=4,8 --grid quantization=none,nf4 --out sweep_out
+
+From Python:
+    from compare import sweep, run_equivalence, run_speed, ModelSpec
+    rows = sweep({"max_steps": 20}, {"r": [4, 8], "quantization": ["none", "nf4"]}, out_dir="sweep_out")
+
+Nothing here runs at import, and the heavy imports (transformers, peft, train) wait for first use.
+The sweep runner lives in `compare/ablation.py`: a module named `sweep` would replace the function
+`compare.sweep` as soon as it was imported.
+"""
+from __future__ import annotations
+
+from .models import CompareError, ModelSpec
+
+__all__ = ["sweep", "run_equivalence", "run_speed", "ModelSpec", "CompareError"]
+
+
+def __getattr__(name):
+    # Lazy: `import compare` stays cheap and never imports triton before TRITON_INTERPRET is set.
+    if name == "sweep":
+        from .ablation import sweep
+        return sweep
+    if name == "run_equivalence":
+        from .equivalence import run_equivalence
+        return run_equivalence
+    if name == "run_speed":
+        from .speed import run_speed
+        return run_speed
+    raise AttributeError(f"module 'compare' has no attribute {name!r}")

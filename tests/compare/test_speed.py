@@ -1,0 +1,24 @@
+"""`compare speed` runs on CPU and prints a table with ratios to peft (no timing assertions)."""
+import json
+
+from compare.__main__ import main
+
+
+def test_speed_cpu_table_and_json(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--steps", "2", "--warmup", "1", "--seq", "8", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for word in ("ours-torch", "peft", "ratio", "optimizer step", "tokens/s", "skipped"):
+        assert word in printed, printed
+    data = json.loads(out.read_text())
+    by_name = {v["name"]: v for v in data["variants"]}
+    assert by_name["peft"]["optimizer step"]["ratio_to_peft"] == 1.0
+    ours = by_name["ours-torch"]
+    for phase in ("forward", "forward+backward", "optimizer step"):
+        assert ours[phase]["median_s"] > 0 and ours[phase]["ratio_to_peft"] > 0
+    assert ours["tokens_per_s"] > 0
+    # Without CUDA the triton row is listed as skipped, with the reason.
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "interpreter" in by_name["ours-triton"]["skipped"]
