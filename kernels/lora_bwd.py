@@ -1,0 +1,201 @@
+"""Fused LoRA backward, one launch per layer, any base-weight format (see lora_tiles.py).
+
+With g = dL/dy [M, N], u = dropout(x) @ A^T [M, r] (saved by forward), keep = the dropout mask
+regenerated from the seed, c = scaling / (1 - p):
+    v  = g @ B                                   [M, r]   (fp32 accumulator, never stored)
+    dx = g @ deq(W) + c * keep * (v @ A)          [M, K]   x.dtype
+    dA = c * v^T @ (keep * x)                     [r, K]
+    dB = scaling * g^T @ u                        [N, r]
+
+Each program owns a [BLOCK_M, BLOCK_K] tile of dx. Its loop runs over N: it loads a tile of g and
+the matching tile of W, dequantized in registers (read along N), and accumulates both g @ W and
+v = g @ B (the thin [BLOCK_M, R] accumulator). It also adds its share of dB = s * g^T @ u from the
+g tile it already holds: the N blocks are dealt round-robin to the programs of the same row block,
+so every (m-block, n-block) pair is counted exactly once and no program does all of it. The
+epilogue adds the LoRA term to dx and the program's piece of dA = c * v^T @ (keep * x) from one x
+tile. dA and dB are summed across programs with fp32 atomics into [r, K] / [N, r] buffers (so
+their summation order, and last bits, vary run to run), then cast to the LoRA dtype.
+
+Without dx (the layer's input needs no grad) the grid has one program per row block, which
+computes v over all of N and then walks all K blocks for dA: W is never read.
+
+Precision: g @ W and g @ B on tensor cores in x.dtype (B rounded to it), fp32 accumulators; the
+products with the fp32 v and u (dx's LoRA term, dA, dB) run in tf32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora_tiles import cvt, dropout_keep, grouped_pid, load_w_tile, mma
+from .triton_common import WeightArgs, autotune_enabled, interpreting, lora_rank_block, next_pow2
+
+
+def _configs() -> list[triton.Config]:
+    """dx tiles [BLOCK_M, BLOCK_K], reduction over BLOCK_N; one config under the interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    return GPU_CONFIGS if autotune_enabled() else GPU_CONFIGS[:1]
+
+
+def _gpu_configs() -> list[triton.Config]:
+    cfg = []
+    for bm, bk, bn, warps, stages in [
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4),
+    ]:
+        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                 num_warps=warps, num_stages=stages))
+    return cfg
+
+
+GPU_CONFIGS = _gpu_configs()  # every config autotuning may pick (tests sweep them all on a GPU)
+
+
+def _prune(configs, named_args, **kwargs):
+    cap = max(64, next_pow2(named_args["M"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or configs
+
+
+@triton.autotune(configs=_configs(),
+                 key=["M_BUCKET", "N", "K", "FMT", "NESTED", "HAS_LORA", "COMPUTE_DX", "R"],
+                 reset_to_zero=["da_ptr", "db_ptr"],  # atomics: each tuning run starts from zero
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _lora_bwd_kernel(
+    g_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, a_ptr, b_ptr,
+    w_ptr, s1_ptr, code_ptr, code2_ptr, s2_ptr, w_offset, stride_wn, stride_wk,
+    M, N, K, r, M_BUCKET,
+    stride_gm, stride_xm, stride_um, stride_dxm, stride_ar, stride_ak, stride_bn, stride_br,
+    scaling, keep_scale, p, seed,
+    FMT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+    K_EVEN: tl.constexpr, ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, OFFS_64: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    if COMPUTE_DX:
+        num_pid_k = tl.cdiv(K, BLOCK_K)
+        pid_m, pid_k = grouped_pid(tl.program_id(0), num_pid_m, num_pid_k, GROUP_M)
+        kb_lo = pid_k
+        kb_hi = pid_k + 1
+    else:
+        num_pid_k = 1
+        pid_m = tl.program_id(0)
+        pid_k = 0
+        kb_lo = 0
+        kb_hi = tl.cdiv(K, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_r = tl.arange(0, R)  # [R]
+    m_mask = offs_m < M
+    ACT = x_ptr.dtype.element_ty
+
+    if COMPUTE_DX:
+        acc_dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # g @ W
+    if HAS_LORA:
+        acc_v = tl.zeros((BLOCK_M, R), dtype=tl.float32)  # v = g @ B
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # [BN]
+        gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+                     mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)  # [BM, BN]
+        if COMPUTE_DX:
+            w = load_w_tile(w_ptr, s1_ptr, code_ptr, code2_ptr, s2_ptr, w_offset, stride_wn,
+                            stride_wk, offs_n, pid_k * BLOCK_K, N, K, FMT, NESTED, BS, BS2, K_EVEN,
+                            ALIGNED, W_DTYPE, ACT, BLOCK_N, BLOCK_K)  # [BN, BK]
+            acc_dx = mma(gt, w, acc_dx)
+        if HAS_LORA:
+            rn_mask = (offs_n[:, None] < N) & (offs_r[None, :] < r)  # [BN, R]
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=rn_mask, other=0.0)  # [BN, R]
+            acc_v = mma(gt, cvt(b, ACT), acc_v)
+            if (n0 // BLOCK_N) % num_pid_k == pid_k:  # this program's share of dB
+                u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :],
+                            mask=m_mask[:, None] & (offs_r[None, :] < r), other=0.0)  # [BM, R]
+                db = tl.dot(tl.trans(gt).to(tl.float32), u.to(tl.float32),
+                            input_precision="tf32")  # [BN, R]
+                tl.atomic_add(db_ptr + offs_n[:, None] * r + offs_r[None, :], db * scaling,
+                              mask=rn_mask)
+
+    for kb in range(kb_lo, kb_hi):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+        mk_mask = m_mask[:, None] & (offs_k[None, :] < K)  # [BM, BK]
+        if HAS_LORA:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mk_mask,
+                        other=0.0)  # [BM, BK]
+            if DROPOUT:
+                keep = dropout_keep(seed, offs_m, offs_k, K, p, OFFS_64)
+                x = tl.where(keep, x, 0.0)
+            da = tl.dot(tl.trans(acc_v), x.to(tl.float32), input_precision="tf32")  # [R, BK]
+            tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da * (scaling * keep_scale),
+                          mask=(offs_r[:, None] < r) & (offs_k[None, :] < K))
+        if COMPUTE_DX:
+            dx = acc_dx
+            if HAS_LORA:
+                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                            mask=(offs_r[:, None] < r) & (offs_k[None, :] < K), other=0.0)  # [R, BK]
+                lora = tl.dot(acc_v, a.to(tl.float32), input_precision="tf32")  # [BM, BK]
+                lora = lora * (scaling * keep_scale)
+                if DROPOUT:
+                    lora = tl.where(keep, lora, 0.0)
+                dx += lora
+            tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], cvt(dx, ACT),
+                     mask=mk_mask)
+
+
+def fused_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    u: Optional[torch.Tensor],
+    wa: WeightArgs,
+    A: Optional[torch.Tensor],
+    B: Optional[torch.Tensor],
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[int],
+    needs_dx: bool = True,
+    dx_out: Optional[torch.Tensor] = None,
+    config: Optional[triton.Config] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch the kernel (inputs already checked; g contiguous in x.dtype). Returns (dx, dA, dB).
+
+    `dx_out` [M, K] x.dtype may be given (tests pass a NaN-filled buffer); `config` bypasses
+    autotuning (tests run every config of GPU_CONFIGS).
+    """
+    M, K = x.shape
+    N = wa.N
+    r = 0 if A is None else A.shape[0]
+    dx = None
+    if needs_dx:
+        dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if dx_out is None else dx_out
+    da = torch.zeros((r, K), dtype=torch.float32, device=x.device) if r else None  # atomics target
+    db = torch.zeros((N, r), dtype=torch.float32, device=x.device) if r else None
+    if M > 0 and (r or needs_dx):
+        dummy = x
+        a, b = (A, B) if r else (dummy, dummy)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"])
+                             * (triton.cdiv(K, meta["BLOCK_K"]) if needs_dx else 1),)
+        kernel = _lora_bwd_kernel if config is None else _lora_bwd_kernel.fn
+        kernel[grid](
+            g, x, u if r else dummy, dx if needs_dx else dummy, da if r else dummy,
+            db if r else dummy, a, b,
+            *wa.kernel_args(),
+            M, N, K, max(r, 1), min(next_pow2(M), 8192),
+            g.stride(0), x.stride(0), u.stride(0) if r else 0, dx.stride(0) if needs_dx else 0,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            float(scaling), 1.0 / (1.0 - dropout_p), float(dropout_p), int(seed or 0),
+            **wa.constexprs(),
+            HAS_LORA=r > 0, DROPOUT=r > 0 and dropout_p > 0, OFFS_64=M * K > 2**31 - 1,
+            COMPUTE_DX=needs_dx, R=lora_rank_block(max(r, 1)),
+            **({} if config is None else config.all_kwargs()),
+        )
+    elif needs_dx:
+        dx.zero_()  # M == 0
+    if not r:
+        return dx, None, None
+    return dx, da.to(A.dtype), db.to(B.dtype)

@@ -1,0 +1,128 @@
+"""Shared builders for the Triton kernel tests (test_triton_*.py): weights, float64 truth, tolerances.
+
+Ground truth: W is quantized with bitsandbytes.functional on CPU (quantize_4bit,
+int8_vectorwise_quant) and dequantized by bitsandbytes.functional (dequantize_4bit,
+int8_vectorwise_dequant) in float64; the expected outputs are `kernels.reference` run entirely in
+float64 on that W (the spec, at a precision where its own rounding is negligible).
+
+Tolerance, per element, with its reason (`bound`): the kernels round (a) the output to x.dtype
+(<= u * |ref|), (b) A, B and a fp32/int8-dequantized W to x.dtype before the tensor-core products
+(<= u * the sum of |terms|), (c) on a GPU, both operands of the products with the fp32 u / v (the
+LoRA epilogues, dA, dB) to tf32 (2**-11 each, so <= 2**-10 * the sum of |terms|), and sum in
+fp32 (K * 2**-24, negligible). With u the unit roundoff of x.dtype (bf16 2**-8, fp16 2**-11),
+every error is below (2u + 2**-10) * (|ref| + mag), mag being the same computation on absolute
+values (|x| @ |W|^T + ...). This is
+an elementwise bound, not a global atol: a wrong tile, block, nibble order or dropout mask moves
+whole rows by O(mag / sqrt(K)) and fails it. Single-element dequantization is proven bit-exact
+separately (test_dequantize_bit_exact).
+
+Sizes: on CUDA the same tests run at full shapes (Llama-7B-like K, N); on CPU through Triton's
+interpreter (numpy per tile, slow) at small odd shapes that are multiples of no block size.
+"""
+from __future__ import annotations
+
+import bitsandbytes.functional as bnbF
+import torch
+
+from kernels import reference
+from kernels.weights import DenseWeight, Int8Weight, NestedAbsmax, Quant4bitWeight
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# (M, K, N): odd, not a multiple of any tile (32/64/128) or of the 4-bit blocksize per row.
+ODD = (1031, 4096, 4099) if ON_GPU else (37, 320, 333)
+SMALL = (515, 1000, 2050) if ON_GPU else (19, 130, 70)  # cheaper cases of the matrix
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def make_weight(fmt: str, N: int, K: int, *, dtype=torch.bfloat16, nested=True, blocksize=64,
+                transposed=False, seed=0):
+    """(weight record on DEVICE, W64 [N, K] float64 ground truth from bitsandbytes.functional).
+
+    fmt: "nf4" | "fp4" | "int8" | "dense". dtype: the dtype W is quantized from (4-bit) or stored
+    in (dense). transposed: a dense W handed over as the .T view of a [K, N] tensor (GPT-2 Conv1D).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=gen) * 0.05  # [N, K] fp32 on CPU
+    if fmt in ("nf4", "fp4"):
+        packed, qs = bnbF.quantize_4bit(W.to(dtype), blocksize=blocksize, compress_statistics=nested,
+                                        quant_type=fmt)
+        W64 = bnbF.dequantize_4bit(packed, qs).double()  # bnb's own dequantization: the truth
+        nest = None
+        if nested:
+            nest = NestedAbsmax(code=qs.state2.code.to(DEVICE), absmax=qs.state2.absmax.to(DEVICE),
+                                blocksize=qs.state2.blocksize, offset=float(qs.offset))
+        rec = Quant4bitWeight(packed=packed.to(DEVICE), absmax=qs.absmax.to(DEVICE),
+                              code=qs.code.to(DEVICE), blocksize=blocksize, shape=(N, K),
+                              quant_type=fmt, dtype=dtype, nested=nest)
+        return rec, W64.to(DEVICE)
+    if fmt == "int8":
+        CB, SCB, _ = bnbF.int8_vectorwise_quant(W.half())
+        W64 = bnbF.int8_vectorwise_dequant(CB, SCB).double()
+        return Int8Weight(CB=CB.to(DEVICE), SCB=SCB.to(DEVICE)), W64.to(DEVICE)
+    if fmt == "dense":
+        Wd = W.to(dtype)
+        if transposed:
+            rec = DenseWeight(Wd.t().contiguous().to(DEVICE).t())  # [N, K] view of a [K, N] buffer
+        else:
+            rec = DenseWeight(Wd.to(DEVICE))
+        return rec, Wd.double().to(DEVICE)
+    raise ValueError(fmt)
+
+
+def make_lora(N: int, K: int, r: int, dtype=torch.float32, seed=1):
+    """A [r, K], B [N, r] with nonzero B (peft inits B = 0, which would hide the up-projection)."""
+    gen = torch.Generator().manual_seed(seed)
+    A = (torch.rand(r, K, generator=gen) * 2 - 1) / K**0.5
+    B = torch.randn(N, r, generator=gen) * 0.5
+    return A.to(dtype).to(DEVICE), B.to(dtype).to(DEVICE)
+
+
+def rand(shape, dtype, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+def poisoned(shape, dtype):
+    """A NaN-filled output buffer: any element a kernel fails to write stays NaN and fails."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def d64(t):
+    return None if t is None else t.double()
+
+
+def a64(t):
+    return None if t is None else t.double().abs()
+
+
+def ref_forward(x, W64, bias, A, B, s, p, seed):
+    """(y, u, mag_y, mag_u): the spec in float64 on bnb's W; bias rounded to x.dtype (nn.Linear)."""
+    b = None if bias is None else bias.to(x.dtype)
+    y, u = reference.lora_forward(x.double(), DenseWeight(W64), d64(b), d64(A), d64(B), s, p, seed)
+    mag, mag_u = reference.lora_forward(x.double().abs(), DenseWeight(W64.abs()), a64(b), a64(A),
+                                        a64(B), abs(s), p, seed)
+    return y, u, mag, mag_u
+
+
+def ref_backward(g, x, u64, W64, A, B, s, p, seed, needs_dx=True):
+    """((dx, dA, dB), (mag_dx, mag_dA, mag_dB)) in float64."""
+    out = reference.lora_backward(g.double(), x.double(), u64, DenseWeight(W64), A.double(),
+                                  B.double(), s, p, seed, needs_dx)
+    mag = reference.lora_backward(g.double().abs(), x.double().abs(), u64.abs(),
+                                  DenseWeight(W64.abs()), A.double().abs(), B.double().abs(),
+                                  abs(s), p, seed, needs_dx)
+    return out, mag
+
+
+def assert_close(name, got, ref, mag, dtype):
+    """|got - ref| <= (2u + 2**-10)(|ref| + mag) elementwise (reason: module docstring); no NaN."""
+    assert got is not None, f"{name}: missing"
+    assert tuple(got.shape) == tuple(ref.shape), f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got = got.double()
+    assert not torch.isnan(got).any(), f"{name}: {int(torch.isnan(got).sum())} NaN (unwritten?)"
+    bound = (2 * UNIT_ROUNDOFF[dtype] + 2.0**-10) * (ref.abs() + mag)
+    err = (got - ref).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{name}: {int(bad.sum())}/{bad.numel()} elements off; worst err "
+                           f"{float((err - bound).max()):.3g} over its bound, max err {float(err.max()):.3g}")
