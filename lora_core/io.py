@@ -135,6 +135,9 @@ def save_adapter(model: LoraModel, directory: PathLike) -> Path:
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # safetensors (0.8) creates its file 0600; an adapter is made to be shared and served, so
+        # give it the mode of any new file (0644 under the usual umask).
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~_umask())
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -149,6 +152,12 @@ def save_adapter(model: LoraModel, directory: PathLike) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

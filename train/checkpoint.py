@@ -8,6 +8,7 @@ and trainer_state.json (step, epoch, log history, the before-training eval).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -63,7 +64,9 @@ def register_hooks(accelerator) -> None:
             trainable = {n: p.detach().cpu().contiguous()
                          for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
             if accelerator.is_main_process:
-                save_file(trainable, str(Path(output_dir) / _name(i)), metadata={"format": "pt"})
+                path = Path(output_dir) / _name(i)
+                save_file(trainable, str(path), metadata={"format": "pt"})
+                os.chmod(path, 0o644)  # safetensors creates 0600; match the files Accelerate writes
         weights.clear()  # nothing left for Accelerate to save as model weights
 
     def load_hook(models, input_dir):

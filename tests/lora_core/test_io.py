@@ -14,6 +14,8 @@ tensor moves the logits by > 1e-2 (asserted as `EFFECT`).
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import peft
@@ -157,6 +159,12 @@ def test_adapter_config_is_peft_config(tiny, tmp_path):
     assert set(cfg.target_modules) == {"q_proj", "o_proj"}
     # read_config gives back our config for both writers.
     assert lio.read_config(tmp_path / "a").target_modules == {"q_proj", "o_proj"}
+    # Files get the mode of any new file (safetensors alone would leave the weights 0600, which
+    # another user serving the adapter could not read).
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 def test_transformers_load_adapter(tiny, tmp_path):
