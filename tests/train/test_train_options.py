@@ -65,3 +65,24 @@ def test_seq2seq_t5(base_cfg, tmp_path):
     res = run(base_cfg(model=str(path), max_steps=4))
     assert res.after["eval_loss"] < res.before["eval_loss"]
     assert '"task_type": "SEQ_2_SEQ_LM"' in (res.adapter_dir / "adapter_config.json").read_text()
+
+
+def test_tensorboard_tracker_logs_the_same_scalars(base_cfg):
+    """--report-to tensorboard: Accelerate's tracker writes event files under the output dir with the
+    train loss of every logged step, equal to log.jsonl's (the two sinks see one record)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train import run
+
+    res = run(base_cfg(report_to="tensorboard", max_steps=3))
+    events = list(res.output_dir.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {res.output_dir}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"loss", "lr", "eval_loss"} <= set(acc.Tags()["scalars"]), acc.Tags()["scalars"]
+    tb_loss = {e.step: e.value for e in acc.Scalars("loss")}
+    jsonl_loss = {r["step"]: r["loss"] for r in res.log if "loss" in r}
+    assert sorted(tb_loss) == sorted(jsonl_loss) == [1, 2, 3]
+    for step, v in jsonl_loss.items():
+        assert tb_loss[step] == pytest.approx(v, rel=1e-6)  # stored as fp32 by TensorBoard
