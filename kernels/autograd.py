@@ -14,6 +14,10 @@ calls apply with autocast disabled; backward disables autocast too, so the dtype
 passes are exactly the ones the reference spells out, whatever context `loss.backward()` runs in
 (on CPU the engine runs backward on the calling thread, where an autocast region may be active).
 
+`kernels.lora_linear` uses this Function for quantized bases and for dropout; a dense base without
+dropout on the "torch" backend runs the reference under plain autograd instead (it saves the same
+references to x, u, W, A, B, and its backward is C++ with no Python call per layer).
+
 Activation checkpointing works in both modes: with use_reentrant=False the saved tensors go
 through checkpoint's saved-tensor hooks; with use_reentrant=True the forward is re-run. Both
 restore the RNG state before recomputing, so a seed drawn from torch's generator repeats.
@@ -48,16 +52,22 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        if _autocast_on(g):
+            with torch.autocast(g.device.type, enabled=False):
+                return LoraLinearFunction._backward(ctx, g)
+        return LoraLinearFunction._backward(ctx, g)  # no autocast region: skip entering one (~5 us)
+
+    @staticmethod
+    def _backward(ctx, g: torch.Tensor):
         x, u, A, B = ctx.saved_tensors
         needs_dx, needs_dA, needs_dB, needs_db = ctx.needs_input_grad[:4]
-        with torch.autocast(g.device.type, enabled=False):
-            g = g.contiguous()  # [M, N]; autograd may hand over an expanded or strided gradient
-            dx = dA = dB = db = None
-            if needs_dx or needs_dA or needs_dB:
-                dx, dA, dB = ctx.ops.lora_backward(g, x, u, ctx.weight, A, B, ctx.scaling,
-                                                   ctx.dropout_p, ctx.seed, needs_dx=needs_dx)
-            if needs_db:
-                db = g.sum(0).to(ctx.bias_dtype)  # [N]: nn.Linear's bias gradient
+        g = g.contiguous()  # [M, N]; autograd may hand over an expanded or strided gradient
+        dx = dA = dB = db = None
+        if needs_dx or needs_dA or needs_dB:
+            dx, dA, dB = ctx.ops.lora_backward(g, x, u, ctx.weight, A, B, ctx.scaling,
+                                               ctx.dropout_p, ctx.seed, needs_dx=needs_dx)
+        if needs_db:
+            db = _cast(g.sum(0), ctx.bias_dtype)  # [N]: nn.Linear's bias gradient
         return (dx if needs_dx else None, dA if needs_dA else None, dB if needs_dB else None, db,
                 None, None, None, None, None)
 
@@ -76,11 +86,29 @@ class BaseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        if _autocast_on(g):
+            with torch.autocast(g.device.type, enabled=False):
+                return BaseLinearFunction._backward(ctx, g)
+        return BaseLinearFunction._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: torch.Tensor):
         needs_dx, needs_db = ctx.needs_input_grad[:2]
-        with torch.autocast(g.device.type, enabled=False):
-            dx = db = None
-            if needs_dx:
-                dx = g.to(ctx.x_dtype).mm(reference.dequantize(ctx.weight, ctx.x_dtype))  # [M, K]
-            if needs_db:
-                db = g.sum(0).to(ctx.bias_dtype)  # [N]
+        dx = db = None
+        if needs_dx:
+            dx = _cast(g, ctx.x_dtype).mm(reference.dequantize_fast(ctx.weight, ctx.x_dtype))  # [M, K]
+        if needs_db:
+            db = _cast(g.sum(0), ctx.bias_dtype)  # [N]
         return dx, db, None
+
+
+def _autocast_on(g: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(g.device.type)
+    except RuntimeError:  # a device type autocast does not know: not autocasting
+        return False
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), skipping the call when it would be a no-op (each torch call costs ~1-2 us)."""
+    return t if t.dtype == dtype else t.to(dtype)

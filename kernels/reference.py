@@ -51,6 +51,9 @@ Backward (g = dL/dy [M, N]; autograd's own order for peft's graph, so fp32 resul
     gs = g.to(A.dtype) * scaling                [M, N]
     dB = gs^T @ u                               [N, r]
     v  = gs @ B                                 [M, r]
+(when scaling is a power of two, as with peft's usual alpha = r or 2r, scaling commutes exactly
+with every rounding, so the code multiplies the thin dB and v instead of g: same bits, one
+[M, N] pass fewer.)
     dA = v^T @ dropout(x.to(A.dtype))           [r, K]
     dx = g @ deq(W) + dropout_bwd(v @ A).to(x.dtype)   [M, K] in x.dtype; dropout_bwd = same mask
                                                         and scale as forward
@@ -61,6 +64,9 @@ A = B = None means the base layer alone: lora_forward returns (y_base, None).
 """
 from __future__ import annotations
 
+import functools
+import math
+import struct
 from typing import Optional
 
 import torch
@@ -68,7 +74,7 @@ import torch.nn.functional as F
 
 from .weights import BaseWeight, DenseWeight, Int8Weight, Quant4bitWeight
 
-__all__ = ["dequantize", "philox_randint", "uniform_from_uint32", "dropout_mask", "apply_dropout",
+__all__ = ["dequantize", "dequantize_fast", "philox_randint", "uniform_from_uint32", "dropout_mask", "apply_dropout",
            "base_forward", "lora_forward", "lora_backward"]
 
 # bitsandbytes' int8 dequantization multiplies by this constant (1/127 as bnb writes it) instead of
@@ -116,18 +122,104 @@ def dequantize(weight: BaseWeight, dtype: Optional[torch.dtype] = None) -> torch
     4-bit values are computed in fp32, rounded to the dtype the weight was quantized from
     (`weight.dtype`, as bnb returns it), and only then cast to `dtype`. Int8 gives fp32
     CB * SCB * (1/127). A DenseWeight is returned as is (a view) when no cast is needed.
+    (Exception: bnb 0.50's CPU 4-bit kernel scales per row-block, which is wrong when K is not a
+    multiple of the blocksize; this spec follows the flat blocks bnb's quantizer writes.)
     """
     if isinstance(weight, DenseWeight):
         w = weight.weight
         return w if dtype is None or w.dtype == dtype else w.to(dtype)
     if isinstance(weight, Int8Weight):
-        w = weight.CB * weight.SCB.view(-1, 1) * INT8_INV_127  # fp32 [N, K], bnb's expression
-        return w if dtype is None else w.to(dtype)
+        # fp32 [N, K] = (CB * SCB) * (1/127), bnb's expression and rounding order; the second
+        # product in place (same bits, one [N, K] temporary fewer)
+        w = (weight.CB * weight.SCB.view(-1, 1)).mul_(INT8_INV_127)
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
     if isinstance(weight, Quant4bitWeight):
         w = _dequantize_4bit_f32(weight).to(weight.dtype)  # what bnb returns
-        return w if dtype is None else w.to(dtype)
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
     raise TypeError(f"unknown base weight type {type(weight).__name__}: expected DenseWeight, "
                     "Quant4bitWeight or Int8Weight (kernels.weights)")
+
+
+def dequantize_fast(weight: BaseWeight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`dequantize`, bit for bit, through bitsandbytes' own kernel for 4-bit weights when it can.
+
+    What the torch backend's forward and backward use. `dequantize` above stays the specification
+    (and is what the tests compare with bitsandbytes); this only swaps its many full-size PyTorch
+    temporaries for one call of `bitsandbytes.functional.dequantize_4bit` (about 30x faster on CPU
+    at 1024 x 1024), and falls back to `dequantize` whenever bitsandbytes cannot take the record:
+    not importable, a device it has no kernel for, a blocksize or dtype it rejects, K not a multiple
+    of the blocksize (bnb's CPU kernel gets blocks that straddle rows wrong), or a code table other
+    than its built-in NF4 / FP4 one (its CPU and CUDA kernels ignore `code`). The tests check
+    fast == spec exactly for nf4 / fp4, with and without nested absmax, fp32 / bf16 / fp16.
+    """
+    if isinstance(weight, Quant4bitWeight):
+        bnbf = _bnb_functional() if _bnb_can_dequantize(weight) else None
+        if bnbf is not None:
+            memo = weight.__dict__.get("_bnb_args")
+            if memo is None:  # built once per record: views of the record's tensors, no copies
+                # packed as bnb's uint8 [bytes, 1] column (a [1, bytes] row would come back transposed)
+                packed = weight.packed.reshape(-1)
+                packed = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).view(-1, 1)
+                memo = (packed, _bnb_quant_state(bnbf, weight))
+                object.__setattr__(weight, "_bnb_args", memo)
+            w = bnbf.dequantize_4bit(*memo)  # [N, K] in weight.dtype
+            return w if dtype is None or w.dtype == dtype else w.to(dtype)
+    return dequantize(weight, dtype)
+
+
+# bitsandbytes is imported lazily, on the first quantized call: it imports a package named
+# `kernels` during its own import (a hub loader), so importing it while ours is being imported
+# would be circular. False = not tried yet; None = not importable here.
+_BNB_FUNCTIONAL = False
+_BNB_DEVICES = ("cpu", "cuda")  # devices whose bnb 4-bit kernels are known to equal the spec
+_BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_BNB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _bnb_functional():
+    global _BNB_FUNCTIONAL
+    if _BNB_FUNCTIONAL is False:
+        try:
+            import bitsandbytes.functional as bnbf
+            _BNB_FUNCTIONAL = bnbf
+        except Exception:  # not installed, or no kernel library for this platform
+            _BNB_FUNCTIONAL = None
+    return _BNB_FUNCTIONAL
+
+
+def _bnb_can_dequantize(weight: Quant4bitWeight) -> bool:
+    """Whether bitsandbytes' dequantize_4bit gives exactly `dequantize(weight)` for this record.
+
+    Memoised on the (frozen) record, so a layer that keeps its record pays the table check once.
+    """
+    ok = weight.__dict__.get("_bnb_ok")
+    if ok is None:
+        ok = (weight.device.type in _BNB_DEVICES and weight.blocksize in _BNB_BLOCKSIZES
+              and weight.quant_type in ("nf4", "fp4") and weight.code.numel() == 16
+              # bnb 0.50's CPU kernel applies absmax per row-block: wrong when a block straddles
+              # two rows (K not a multiple of blocksize; the spec's flat blocks are what its
+              # quantizer wrote). Real layers have K a multiple of the blocksize.
+              and weight.shape[1] % weight.blocksize == 0
+              and weight.dtype in _BNB_DTYPES and weight.packed.numel() * weight.packed.element_size() > 1
+              and _bnb_functional() is not None)
+        if ok:  # bnb's kernels use their built-in table, not `code`: only take records that carry it
+            table = _bnb_functional().get_4bit_type(weight.quant_type, device=weight.code.device)
+            ok = torch.equal(weight.code.float(), table.float())
+        object.__setattr__(weight, "_bnb_ok", ok)
+    return ok
+
+
+def _bnb_quant_state(bnbf, weight: Quant4bitWeight):
+    """A bitsandbytes QuantState viewing the record's tensors (no copies)."""
+    state2, offset = None, None
+    if weight.nested is not None:
+        nest = weight.nested
+        state2 = bnbf.QuantState(absmax=nest.absmax, code=nest.code, blocksize=nest.blocksize,
+                                 dtype=torch.float32)
+        offset = nest.offset  # bnb adds it in place to the fp32 absmax: an fp32 add, as the spec's
+    return bnbf.QuantState(absmax=weight.absmax, shape=torch.Size(weight.shape), code=weight.code,
+                           blocksize=weight.blocksize, quant_type=weight.quant_type, dtype=weight.dtype,
+                           offset=offset, state2=state2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,16 +268,119 @@ def uniform_from_uint32(r: torch.Tensor) -> torch.Tensor:
 
 
 def dropout_mask(seed: int, M: int, K: int, p: float, device=None) -> torch.Tensor:
-    """keep [M, K] bool: keep[m, k] = tl.rand(seed, m*K + k) >= float32(p). See the module doc."""
+    """keep [M, K] bool: keep[m, k] = tl.rand(seed, m*K + k) >= float32(p). See the module doc.
+
+    Computes exactly `uniform_from_uint32(philox_randint(seed, offsets)) >= float32(p)` (the tests
+    check the two bit for bit), with fewer tensor passes: see `_philox_keep_chunk`.
+    """
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"dropout seed must be an int in [0, 2**63), got {seed}")
     device = torch.device("cpu") if device is None else torch.device(device)
     keep = torch.empty(M * K, dtype=torch.bool, device=device)  # flat [M*K]: offset m*K + k
-    p32 = torch.tensor(p, dtype=torch.float32, device=device)
-    # Chunked so the ~40 int64 temporaries of the rounds stay in cache on CPU (about 2x faster).
-    chunk = 1 << 16 if device.type == "cpu" else 1 << 24
+    # Chunks of a power of two (so none straddles a multiple of 2**32: the counter's high word is
+    # one number per chunk). On CPU: large enough that the ~90 torch calls per chunk cost little
+    # next to the work, small enough for the six int64 buffers to stay in cache.
+    chunk = min(_CPU_CHUNK if device.type == "cpu" else 1 << 20, _pow2_ceil(M * K))
+    bufs = [torch.empty(chunk, dtype=torch.int64, device=device) for _ in range(6)]
+    threshold = _keep_threshold(p)
     for start in range(0, M * K, chunk):
-        offsets = torch.arange(start, min(start + chunk, M * K), dtype=torch.int64, device=device)
-        torch.ge(uniform_from_uint32(philox_randint(seed, offsets)), p32, out=keep[start:start + chunk])
+        n = min(chunk, M * K - start)
+        _philox_keep_chunk(seed, start, n, threshold, [b[:n] for b in bufs] if n < chunk else bufs,
+                           keep[start:start + n])
     return keep.view(M, K)
+
+
+# 32768 offsets: 6 x 256 KiB of int64 state. Measured on a 2-core EPYC, 1 thread, 512 x 1024 mask:
+# 2**13: 18.7 ms, 2**14: 13.8, 2**15: 12.0, 2**16: 12.1, 2**17: 13.5.
+_CPU_CHUNK = 1 << 15
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=64)
+def _keep_threshold(p: float) -> int:
+    """The smallest v in [0, 2**31] with float32(float32(v) * SCALE) >= float32(p).
+
+    tl.rand's u = float32(v) * float32(SCALE) is a non-decreasing function of the integer v (both
+    roundings are monotone), so `u >= p` is exactly `v >= T`: the mask needs no float conversion at
+    all. Found by bisection with exact float32 arithmetic (struct rounds a double to the nearest
+    float32; the product of two float32 values is exact in a double, so one rounding, as in fp32).
+    2**31 means no v qualifies (nothing is kept).
+    """
+    p32, scale = _f32(p), _f32(_UINT_TO_FLOAT_SCALE)
+
+    def keeps(v: int) -> bool:
+        return _f32(_f32(float(v)) * scale) >= p32
+
+    lo, hi = 0, 2**31  # invariant: keeps(hi) or hi == 2**31; not keeps(v) for v < lo
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keeps(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _philox_keep_chunk(seed: int, start: int, n: int, threshold: int, bufs: list, out: torch.Tensor) -> None:
+    """out[i] = keep for offsets start + i (i < n): Philox4x32-10 as in `philox_randint`, rearranged.
+
+    Same integer results, fewer passes over memory (the chunk never straddles a multiple of 2**32):
+      - every op writes into one of six preallocated int64 buffers (no allocation per op);
+      - c1 = start >> 32 is one number for the chunk and c2 = c3 = 0 at the start, so rounds 1-2
+        have several words that are plain Python ints (computed once, not per element);
+      - lo32(const * c) words (c1, c3) are kept unmasked: they are only XORed into c0 / c2, whose
+        one final `& 0xFFFFFFFF` removes their high bits too (XOR and AND act bitwise);
+      - the last round computes c0 only (tl.randint returns c0), and the float step is replaced by
+        an integer threshold (`_keep_threshold`): v = c0 if c0 < 2**31 else 2**32 - 1 - c0, and
+        v >= T  <=>  (c0 - T) mod 2**32 <= 2**32 - 1 - 2T.
+    """
+    c0, c2, c1, c3, pb, pa = bufs  # int64 [n] each; c1 / c3 hold raw (unmasked) products
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    torch.arange(start & _M32, (start & _M32) + n, dtype=torch.int64, out=c0)  # counter low word
+    c1s = start >> 32  # counter high word (same for the whole chunk)
+    # round 1 (c2 = c3 = 0): c0' = c1 ^ k0 (a number), c2' = umulhi(A, c0) ^ k1, c1' = 0, c3' = A * c0
+    torch.mul(c0, _PHILOX_ROUND_A, out=c3)
+    torch.bitwise_right_shift(c3, 32, out=c2).bitwise_xor_(k1).bitwise_and_(_M32)
+    c0s = c1s ^ k0
+    k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    # round 2 (c0 a number, c1 = 0): A * c0 is a number too
+    pa_s = c0s * _PHILOX_ROUND_A
+    torch.mul(c2, _PHILOX_ROUND_B, out=pb)
+    torch.bitwise_right_shift(pb, 32, out=c0).bitwise_xor_(k0).bitwise_and_(_M32)
+    c3.bitwise_xor_(((pa_s >> 32) & _M32) ^ k1).bitwise_and_(_M32)  # c2'' = umulhi(A, c0) ^ c3 ^ k1
+    c2, c3 = c3, c2
+    c1, pb = pb, c1
+    c3s = pa_s & _M32  # c3'' = lo32(A * c0): a number
+    k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    # round 3 (c3 a number)
+    torch.mul(c2, _PHILOX_ROUND_B, out=pb)
+    torch.mul(c0, _PHILOX_ROUND_A, out=pa)
+    torch.bitwise_right_shift(pb, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_M32)
+    torch.bitwise_right_shift(pa, 32, out=c2).bitwise_xor_(c3s ^ k1).bitwise_and_(_M32)
+    c1, pb = pb, c1
+    c3, pa = pa, c3
+    k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    # rounds 4-9: the general round, in place
+    for _ in range(6):
+        torch.mul(c2, _PHILOX_ROUND_B, out=pb)
+        torch.mul(c0, _PHILOX_ROUND_A, out=pa)
+        torch.bitwise_right_shift(pb, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_M32)
+        torch.bitwise_right_shift(pa, 32, out=c2).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_M32)
+        c1, pb = pb, c1
+        c3, pa = pa, c3
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    # round 10: c0 only, then the threshold ((c0 - T) & M32 == (c0 & M32 - T) & M32)
+    torch.mul(c2, _PHILOX_ROUND_B, out=pb)
+    torch.bitwise_right_shift(pb, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0)
+    c0.sub_(threshold).bitwise_and_(_M32)
+    torch.le(c0, _M32 - 2 * threshold, out=out)
 
 
 def apply_dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
@@ -208,8 +403,10 @@ def _dropout_with(x: torch.Tensor, keep: Optional[torch.Tensor], p: float) -> to
 
 def base_forward(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y [M, N] = x @ deq(W)^T + bias, in x.dtype (what nn.Linear / bnb's Linear4bit compute)."""
-    w = dequantize(weight, x.dtype)  # [N, K]
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    w = dequantize_fast(weight, x.dtype)  # [N, K], exactly `dequantize(weight, x.dtype)`
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return F.linear(x, w, bias)
 
 
 def lora_forward(
@@ -230,10 +427,15 @@ def lora_forward(
     y = base_forward(x, weight, bias)  # [M, N] x.dtype
     if A is None:
         return y, None
-    xd = apply_dropout(x.to(A.dtype), seed, dropout_p)  # [M, K] LoRA dtype
-    u = F.linear(xd, A)  # [M, r]
-    lora = F.linear(u, B) * scaling  # [M, N] LoRA dtype
-    return (y + lora).to(x.dtype), u
+    xl = x if x.dtype == A.dtype else x.to(A.dtype)  # [M, K] LoRA dtype
+    u = F.linear(apply_dropout(xl, seed, dropout_p), A)  # [M, r]
+    if _exact_scale(scaling) and y.dtype == u.dtype and not y.requires_grad:
+        lora = torch.addmm(y, u, B.t(), beta=0, alpha=scaling)  # [M, N]: y only gives the shape
+    else:  # F.linear: one autograd node where u.mm(B.t()) records two (when autograd is on)
+        lora = F.linear(u, B).mul_(scaling)  # [M, N] LoRA dtype: (u @ B^T) * scaling
+    if lora.dtype == y.dtype:
+        return y.add_(lora), u  # y + lora in place: same single rounding, one [M, N] buffer fewer
+    return (y + lora).to(x.dtype), u  # the sum in the promoted dtype, then one rounding
 
 
 def lora_backward(
@@ -254,18 +456,44 @@ def lora_backward(
     `seed`. With A = B = None use `base_backward`.
     """
     lora_dtype = A.dtype
-    gs = g.to(lora_dtype) * scaling  # [M, N]
-    dB = gs.t().mm(u.to(lora_dtype))  # [N, r]
-    v = gs.mm(B)  # [M, r]
+    gl = g if g.dtype == lora_dtype else g.to(lora_dtype)  # [M, N]
+    ul = u if u.dtype == lora_dtype else u.to(lora_dtype)  # [M, r]
+    if _exact_scale(scaling):  # scale the thin products: no [M, N] g * scaling pass
+        dB = _scaled_mm(gl.t(), ul, scaling, B)  # [N, r] = (g^T u) * s
+        v = _scaled_mm(gl, B, scaling, ul)  # [M, r] = (g B) * s
+    else:  # peft's order (g * s first): scaling after the product would round differently
+        gs = gl * scaling  # [M, N]
+        dB = gs.t().mm(ul)  # [N, r]
+        v = gs.mm(B)  # [M, r]
     keep = None if dropout_p == 0.0 else dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-    xd = _dropout_with(x.to(lora_dtype), keep, dropout_p)  # [M, K], the forward's mask again
-    dA = v.t().mm(xd)  # [r, K]
+    xl = x if x.dtype == lora_dtype else x.to(lora_dtype)
+    dA = v.t().mm(_dropout_with(xl, keep, dropout_p))  # [r, K], the forward's mask again
     if not needs_dx:
         return None, dA, dB
     dxl = _dropout_with(v.mm(A), keep, dropout_p)  # [M, K]: same mask and scale as forward
-    return base_backward(g, x, weight) + dxl.to(x.dtype), dA, dB
+    dx = base_backward(g, x, weight)  # [M, K] x.dtype, a fresh buffer
+    return (dx.add_(dxl) if dxl.dtype == dx.dtype else dx.add_(dxl.to(dx.dtype))), dA, dB
+
+
+def _exact_scale(s: float) -> bool:
+    """True when s is a power of two: then fl(a * s) == fl(a) * s for every finite product that
+    neither overflows nor underflows, so where s is applied does not change the bits."""
+    return abs(math.frexp(s)[0]) == 0.5
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, like: torch.Tensor) -> torch.Tensor:
+    """fl(a @ b) * s [m, n], bit for bit, in one BLAS call when s is a power of two.
+
+    `like`: any tensor of the result's shape and dtype; addmm ignores it with beta=0 (it is never
+    read into the result, and not written). Where that is not possible (or `like` is in an autograd
+    graph, which would then get a zero gradient pass): mm, then an in-place scale.
+    """
+    if (_exact_scale(s) and like.dtype == a.dtype and not like.requires_grad
+            and like.shape == (a.shape[0], b.shape[1])):
+        return torch.addmm(like, a, b, beta=0, alpha=s)  # BLAS applies alpha: exact for 2**k
+    return a.mm(b).mul_(s)
 
 
 def base_backward(g: torch.Tensor, x: torch.Tensor, weight: BaseWeight) -> torch.Tensor:
     """dx [M, K] = g @ deq(W) in x.dtype (the base layer's input gradient)."""
-    return g.to(x.dtype).mm(dequantize(weight, x.dtype))
+    return (g if g.dtype == x.dtype else g.to(x.dtype)).mm(dequantize_fast(weight, x.dtype))

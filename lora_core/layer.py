@@ -92,9 +92,32 @@ class LoraLinear(nn.Module):
             # checkpointing restores the RNG state before recomputing, so the recompute sees this seed.
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         return kernels.lora_linear(
-            x, quant.base_weight(self.base_layer), quant.base_bias(self.base_layer),
+            x, self._base_record(), quant.base_bias(self.base_layer),
             self.lora_A.weight if active else None, self.lora_B.weight if active else None,
             self.scaling, self.dropout_p, self.training, backend=self.kernel, seed=seed)
+
+    def _base_record(self):
+        """The `kernels` record of the base weight, rebuilt only when the base storage changed.
+
+        Rebuilding it (and re-validating it in `kernels`) every forward costs several microseconds
+        per layer; `quant.base_weight_key` says when the cached one no longer describes the layer
+        (weight or quant_state replaced, `.to()`, merge's re-quantization, bnb's CPU repacking).
+        """
+        key = quant.base_weight_key(self.base_layer)
+        cache = self.__dict__.get("_record_cache")
+        if cache is None or cache[0] != key:
+            # keep the keyed objects alive with the record (which holds absmax / SCB), so their ids
+            # cannot be reused by new objects meanwhile
+            cache = (key, quant.base_weight(self.base_layer), self.base_layer.weight,
+                     quant.quant_state_or_none(self.base_layer))
+            self.__dict__["_record_cache"] = cache
+        return cache[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() replace the base storage: drop the cached record now rather than
+        # at the next forward (it would otherwise keep the old storage alive until then)
+        self.__dict__.pop("_record_cache", None)
+        return super()._apply(fn, *args, **kwargs)
 
     # ---- merge -----------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

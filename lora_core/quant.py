@@ -115,6 +115,39 @@ def base_weight(layer: nn.Module):
                     f"transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt")
 
 
+def quant_state_or_none(layer: nn.Module):
+    """The bnb QuantState of a 4-bit layer (on its weight, else on the layer), or None."""
+    qs = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return getattr(layer, "quant_state", None) if qs is None else qs
+
+
+def base_weight_key(layer: nn.Module) -> tuple:
+    """A cheap fingerprint of everything `base_weight(layer)` reads (object ids, data pointers, the
+    bnb CPU-repack flag): while it is unchanged, a record built earlier still describes the layer's
+    storage, so callers may reuse it instead of rebuilding one per forward. It changes when the weight
+    Parameter, its storage (`.data` swapped by `.to()` / a load), the quant_state or its absmax
+    tensors are replaced, or bnb repacks the weight. Hold the objects it names alive (e.g. through
+    the record and the layer) so their ids cannot be reused.
+    """
+    w = layer.weight
+    if _is_4bit(layer):
+        qs = quant_state_or_none(layer)
+        if qs is None:
+            return (id(w), w.data_ptr(), None)  # base_weight will raise with the fix
+        s2 = qs.state2 if qs.nested else None
+        return (id(w), w.data_ptr(), id(qs), id(qs.absmax), qs.absmax.data_ptr(),
+                getattr(qs, "packing_format_for_cpu", False),
+                None if s2 is None else (id(s2), id(s2.absmax), s2.absmax.data_ptr()))
+    if _is_int8(layer):
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(layer, "state", None), "SCB", None)
+        return (id(w), w.data_ptr(), id(scb), None if scb is None else scb.data_ptr())
+    # dense: DenseWeight holds the Parameter itself (read live); Conv1D's record is a .T view of the
+    # storage at build time, hence the data pointer and shape
+    return (id(w), w.data_ptr(), w.shape)
+
+
 def base_bias(layer: nn.Module) -> Optional[torch.Tensor]:
     """The base layer's bias [N] (a Parameter, so bias='all' trains it through the kernel) or None."""
     return getattr(layer, "bias", None)

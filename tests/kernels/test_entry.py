@@ -232,3 +232,27 @@ def test_bnb_cpu_repacked_layout_is_named(call):
     repacked = _replace(w, absmax=w.absmax.to(torch.bfloat16).view(N, -1))
     with pytest.raises(ValueError, match="packing_format_for_cpu"):
         call(weight=repacked, backend="torch")
+
+
+def test_torch_backend_graph_choice():
+    """Dense base without dropout: plain autograd (a C++ backward, peft's own graph, no Python
+    Function per call; it saves only references to W, A, B, x and u). Quantized bases and dropout
+    keep the Function (autograd would save the dequantized W or the mask). Same results either way."""
+    x = torch.randn(M, K, requires_grad=True)
+    A, B = torch.randn(R, K, requires_grad=True), torch.randn(N, R, requires_grad=True)
+
+    def fn_name(weight, p):
+        y = kernels.lora_linear(x, weight, None, A, B, 2.0, p, training=True, backend="torch", seed=3)
+        return type(y.grad_fn).__name__
+
+    W = torch.randn(N, K)
+    assert "LoraLinearFunction" not in fn_name(DenseWeight(W), 0.0)
+    assert "LoraLinearFunction" in fn_name(DenseWeight(W), 0.2)
+    assert "LoraLinearFunction" in fn_name(quantize_4bit(W, "nf4", nested=True)[0], 0.0)
+    # both graphs give the same gradients, bit for bit (s = 2: the scale commutes exactly)
+    g = torch.randn(M, N)
+    y_plain = kernels.lora_linear(x, DenseWeight(W), None, A, B, 2.0, backend="torch")
+    y_fn = kernels.LoraLinearFunction.apply(x, A, B, None, DenseWeight(W), 2.0, 0.0, None, reference)
+    assert torch.equal(y_plain, y_fn)
+    for a, b in zip(torch.autograd.grad(y_plain, (x, A, B), g), torch.autograd.grad(y_fn, (x, A, B), g)):
+        assert torch.equal(a, b)

@@ -202,3 +202,47 @@ def test_requantize_round_trip(kind):
     # up to the fp rounding of absmax (double quant re-derives it from 8-bit codes): 1 % of a step
     err = (quant.dequantize_base(layer) - W).abs().max().item()
     assert err <= (0 if kind == "dense" else 0.01 * W.abs().max().item())
+
+
+# ---- the cached base-weight record ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dense", "conv1d", "nf4", "int8"])
+def test_base_record_is_reused_until_the_base_storage_changes(kind):
+    """LoraLinear builds its kernels record once, not per forward, and rebuilds it when merge
+    re-quantizes (new quant_state) or the storage is replaced, so the output always follows the
+    layer's current weight (`manual` reads it through a freshly built record)."""
+    base = {"dense": lambda: nn.Linear(K, N), "conv1d": lambda: Conv1D(N, K),
+            "nf4": lambda: make_4bit("nf4", True, dtype=torch.float32), "int8": make_int8}[kind]()
+    layer = LoraLinear(base, r=R, init_lora_weights=False, fan_in_fan_out=(kind == "conv1d"))
+    x = torch.randn(3, K)
+    # fp32 throughout; the only differences are summation order in the matmuls (~1e-6 here)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), manual(layer, x), **tol)
+    rec = layer._base_record()
+    assert layer._base_record() is rec  # no rebuild while nothing changed
+    layer.merge()
+    if kind == "nf4":  # a new QuantState: the old record would describe the old codes
+        assert layer._base_record() is not rec
+    layer.disabled = True  # base only: x W_merged^T + b, through the (re)built record
+    W = quant.dequantize_base(base)
+    b = base.bias.float()
+    torch.testing.assert_close(layer(x), x @ W.T + b, **tol)
+    layer.disabled = False
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), manual(layer, x), **tol)
+    # storage replaced (what .to() / a checkpoint load does): a new record is built
+    rec = layer._base_record()
+    with torch.no_grad():
+        base.weight.data = base.weight.data.clone()
+    assert layer._base_record() is not rec
+    torch.testing.assert_close(layer(x), manual(layer, x), **tol)
+
+
+def test_base_record_follows_to_dtype():
+    """.to(float64) swaps the dense weight's storage: the next forward reads the new one."""
+    layer = LoraLinear(nn.Linear(K, N), r=R, init_lora_weights=False)
+    layer(torch.randn(2, K))
+    assert "_record_cache" in layer.__dict__
+    layer.to(torch.float64)
+    assert "_record_cache" not in layer.__dict__  # dropped at once: the old storage is not kept alive
+    x = torch.randn(2, K, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), manual(layer, x).double(), rtol=1e-5, atol=1e-5)
