@@ -31,41 +31,28 @@ import triton
 import triton.language as tl
 
 from .lora_tiles import cvt, dropout_keep, grouped_pid, load_w_tile, mma
-from .triton_common import WeightArgs, autotune_enabled, interpreting, lora_rank_block, next_pow2
+from .triton_common import (WeightArgs, active_configs, gemm_configs, lora_rank_block, next_pow2,
+                            prune_tall_row_tiles)
+
+
+# dx tiles [BLOCK_M, BLOCK_K], reduced over BLOCK_N. Every config autotuning may pick on a GPU
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the tests sweep them all on a GPU.
+GPU_CONFIGS = gemm_configs([
+    (128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3),
+    (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
+])
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
+                                   num_warps=4, num_stages=1)
 
 
 def _configs() -> list[triton.Config]:
-    """dx tiles [BLOCK_M, BLOCK_K], reduction over BLOCK_N; one config under the interpreter."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    return GPU_CONFIGS if autotune_enabled() else GPU_CONFIGS[:1]
-
-
-def _gpu_configs() -> list[triton.Config]:
-    cfg = []
-    for bm, bk, bn, warps, stages in [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4),
-    ]:
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=warps, num_stages=stages))
-    return cfg
-
-
-GPU_CONFIGS = _gpu_configs()  # every config autotuning may pick (tests sweep them all on a GPU)
-
-
-def _prune(configs, named_args, **kwargs):
-    cap = max(64, next_pow2(named_args["M"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-    return kept or configs
+    return active_configs(GPU_CONFIGS, INTERPRETER_CONFIG)
 
 
 @triton.autotune(configs=_configs(),
                  key=["M_BUCKET", "N", "K", "FMT", "NESTED", "HAS_LORA", "COMPUTE_DX", "R"],
                  reset_to_zero=["da_ptr", "db_ptr"],  # atomics: each tuning run starts from zero
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": prune_tall_row_tiles})
 @triton.jit
 def _lora_bwd_kernel(
     g_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, a_ptr, b_ptr,

@@ -21,16 +21,10 @@ import triton
 import triton.language as tl
 
 from .lora_fwd import down_projection, n_splits
-from .lora_tiles import cvt, load_w_tile, mma
-from .triton_common import WeightArgs, autotune_enabled, interpreting, lora_rank_block
+from .lora_tiles import bias_row, cvt, load_w_tile, mma, up_projection
+from .triton_common import WeightArgs, active_configs, lora_rank_block
 
 BLOCK_M_DECODE = 16  # tl.dot's smallest tile height; rows >= M are masked
-
-
-def _gemv_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    return GPU_CONFIGS if autotune_enabled() else GPU_CONFIGS[:1]
 
 
 # every config autotuning may pick (tests sweep them all on a GPU)
@@ -38,6 +32,11 @@ GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_st
                for bn, bk, w, s in [(32, 256, 4, 4), (16, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3),
                                     (16, 512, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3),
                                     (32, 1024, 8, 3)]]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1)
+
+
+def _gemv_configs() -> list[triton.Config]:
+    return active_configs(GPU_CONFIGS, INTERPRETER_CONFIG)
 
 
 @triton.autotune(configs=_gemv_configs(), key=["N", "K", "FMT", "NESTED", "HAS_LORA", "R"])
@@ -71,8 +70,7 @@ def _lora_gemv_kernel(
         acc = mma(x, tl.trans(w), acc)
     y = acc
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-        y += cvt(bias, ACT).to(tl.float32)[None, :]
+        y += bias_row(bias_ptr, offs_n, N, ACT)
     if HAS_LORA:
         u_mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
         u = tl.zeros((BLOCK_M, R), dtype=tl.float32)
@@ -81,9 +79,7 @@ def _lora_gemv_kernel(
                          other=0.0)  # [BM, R] fp32
         if tl.program_id(0) == 0:
             tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_mask)
-        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                     mask=(offs_r[:, None] < r) & (offs_n[None, :] < N), other=0.0)  # B^T [R, BN]
-        y += scaling * tl.dot(u, bt.to(tl.float32), input_precision="tf32")
+        y += scaling * up_projection(u, b_ptr, offs_n, offs_r, N, r, stride_bn, stride_br)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], cvt(y, ACT),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 

@@ -28,44 +28,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_tiles import cvt, dropout_keep, grouped_pid, load_w_tile, mma
-from .triton_common import WeightArgs, autotune_enabled, interpreting, lora_rank_block, next_pow2
+from .lora_tiles import bias_row, cvt, dropout_keep, grouped_pid, load_w_tile, mma, up_projection
+from .triton_common import (WeightArgs, active_configs, gemm_configs, interpreting, lora_rank_block,
+                            next_pow2, prune_tall_row_tiles)
 
 DECODE_MAX_M = 16  # M <= 16 goes to the memory-bound GEMV path (lora_decode.py)
 
 
+# Every config autotuning may pick on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): H100-sized
+# tiles; the tests sweep them all on a GPU.
+GPU_CONFIGS = gemm_configs([
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3),
+])
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
+                                   num_warps=4, num_stages=1)
+
+
 def _configs() -> list[triton.Config]:
-    """H100-sized tiles; one small config under the interpreter, where autotuning is only cost."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    return GPU_CONFIGS if autotune_enabled() else GPU_CONFIGS[:1]
-
-
-def _gpu_configs() -> list[triton.Config]:
-    cfg = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3),
-    ]:
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=warps, num_stages=stages))
-    return cfg
-
-
-GPU_CONFIGS = _gpu_configs()  # every config autotuning may pick (tests sweep them all on a GPU)
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop row tiles far taller than M (a 256-row tile for M=32 is wasted MMA work)."""
-    cap = max(64, next_pow2(named_args["M"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-    return kept or configs
+    return active_configs(GPU_CONFIGS, INTERPRETER_CONFIG)
 
 
 @triton.autotune(configs=_configs(),
                  key=["M_BUCKET", "N", "K", "FMT", "NESTED", "HAS_LORA", "U_IN", "R"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": prune_tall_row_tiles})
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, y_ptr, u_ptr, bias_ptr, a_ptr, b_ptr,
@@ -103,8 +89,7 @@ def _lora_fwd_kernel(
 
     y = acc
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-        y += cvt(bias, ACT).to(tl.float32)[None, :]  # bias in x.dtype, as nn.Linear adds it
+        y += bias_row(bias_ptr, offs_n, N, ACT)
     if HAS_LORA:
         u_mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
         if U_IN:
@@ -114,9 +99,7 @@ def _lora_fwd_kernel(
             u = acc_u
             if pid_n == 0:
                 tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_mask)
-        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                     mask=(offs_r[:, None] < r) & (offs_n[None, :] < N), other=0.0)  # B^T [R, BN]
-        y += scaling * tl.dot(u, bt.to(tl.float32), input_precision="tf32")
+        y += scaling * up_projection(u, b_ptr, offs_n, offs_r, N, r, stride_bn, stride_br)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], cvt(y, ACT),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 

@@ -166,6 +166,21 @@ def load_w_tile(w_ptr, s1_ptr, code_ptr, code2_ptr, s2_ptr, offset, stride_wn, s
 
 
 @triton.jit
+def bias_row(bias_ptr, offs_n, N, ACT: tl.constexpr):
+    """bias [1, BN] in fp32, rounded to the activation dtype first, as nn.Linear adds it."""
+    bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)  # [BN]
+    return cvt(bias, ACT).to(tl.float32)[None, :]
+
+
+@triton.jit
+def up_projection(u, b_ptr, offs_n, offs_r, N, r, stride_bn, stride_br):
+    """u @ B^T [BM, BN] fp32 for u [BM, R] fp32 (the LoRA epilogue), in tf32 on the fp32 u."""
+    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=(offs_r[:, None] < r) & (offs_n[None, :] < N), other=0.0)  # B^T [R, BN]
+    return tl.dot(u, bt.to(tl.float32), input_precision="tf32")
+
+
+@triton.jit
 def dropout_keep(seed, offs_m, offs_k, K, p, OFFS_64: tl.constexpr):
     """keep [BM, BK] bool = tl.rand(seed, m*K + k) >= p: the contract of reference.dropout_mask.
 

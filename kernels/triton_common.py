@@ -36,6 +36,29 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def gemm_configs(tiles: list[tuple[int, int, int, int, int]]) -> list:
+    """One triton.Config per (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), grouped by 8 rows."""
+    import triton
+
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=warps, num_stages=stages) for bm, bn, bk, warps, stages in tiles]
+
+
+def active_configs(gpu_configs: list, interpreter_config) -> list:
+    """What autotuning may pick: under the interpreter only `interpreter_config` (tuning is pure
+    cost there); on a GPU every config, or just the first with LORAFUSE_AUTOTUNE=0."""
+    if interpreting():
+        return [interpreter_config]
+    return gpu_configs if autotune_enabled() else gpu_configs[:1]
+
+
+def prune_tall_row_tiles(configs, named_args, **kwargs) -> list:
+    """Autotune pruner: drop row tiles far taller than M (a 256-row tile for M=32 is wasted MMA work)."""
+    cap = max(64, next_pow2(named_args["M"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or configs
+
+
 def lora_rank_block(r: int) -> int:
     """R: the rank padded to a power of two >= 16 (tl.dot's smallest dimension)."""
     return max(16, next_pow2(r))
