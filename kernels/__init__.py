@@ -76,11 +76,12 @@ def _run(x, weight, bias, lora_A, lora_B, scaling, p, backend, seed, n, k) -> to
         # Training the base weight itself: plain autograd through the reference (saves W).
         y, _ = reference.lora_forward(x2, weight, bias, lora_A, lora_B, scaling, p, seed)
         return y.reshape(*lead, n) if flat else y
-    if lora_A is None:
+    ops = dispatch.choose(backend, x2, weight, bias, lora_A, lora_B, p)
+    if lora_A is None and ops is reference:
+        # Base layer alone (adapter disabled or merged) on the reference: a Function that saves
+        # nothing tensor-sized. On the triton backend the fused ops take A = B = None instead.
         y = BaseLinearFunction.apply(x2, bias, weight)
         return y.reshape(*lead, n) if flat else y
-
-    ops = dispatch.choose(backend, x2, weight, bias, lora_A, lora_B, p)
     if ops is reference and p == 0.0 and isinstance(weight, DenseWeight) and torch.is_grad_enabled():
         # Dense base, no dropout: plain autograd through the reference saves exactly what the
         # Function would (x, u and references to W, A, B, no copies: W is the layer's own tensor)
@@ -93,7 +94,7 @@ def _run(x, weight, bias, lora_A, lora_B, scaling, p, backend, seed, n, k) -> to
         # The kernels read x [M, K] as a row-major buffer (a copy only for a strided x).
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if not (lora_A.is_contiguous() and lora_B.is_contiguous()):
+        if lora_A is not None and not (lora_A.is_contiguous() and lora_B.is_contiguous()):
             raise ValueError("lora_A / lora_B must be contiguous for the triton backend "
                              f"(strides {lora_A.stride()}, {lora_B.stride()}); pass .contiguous() weights")
     y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, weight, scaling, p, seed, ops)  # [M, N]

@@ -133,3 +133,28 @@ def test_every_autotune_config(needs_dx):
         assert_close(f"dB {cfg}", dB, dB_r, mdB, x.dtype)
         if needs_dx:
             assert_close(f"dx {cfg}", dx, dx_r, mdx, x.dtype)
+
+
+def test_base_only_through_lora_linear_uses_triton(monkeypatch):
+    """An adapter disabled or merged calls lora_linear with A = B = None: the triton backend must run
+    the fused ops for it too (not quietly the torch reference), forward and dx, against the spec."""
+    import kernels
+
+    calls = []
+    real_fwd, real_bwd = lora_4bit.lora_forward, lora_4bit.lora_backward
+    monkeypatch.setattr(lora_4bit, "lora_forward", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
+    monkeypatch.setattr(lora_4bit, "lora_backward", lambda *a, **k: calls.append("bwd") or real_bwd(*a, **k))
+    M, K, N = SMALL
+    weight, W64 = make_weight("nf4", N, K)
+    bias = rand((N,), torch.bfloat16, seed=6)
+    x = rand((M, K), torch.bfloat16).requires_grad_()
+    y = kernels.lora_linear(x, weight, bias, None, None, 1.0, backend="triton")
+    g = rand((M, N), torch.bfloat16, seed=4)
+    y.backward(g)
+    assert calls == ["fwd", "bwd"], calls
+
+    A0, B0 = torch.zeros(1, K), torch.zeros(N, 1)  # the spec with a zero adapter = the base layer
+    y_r, u64, mag_y, _ = ref_forward(x.detach(), W64, bias, A0, B0, 1.0, 0.0, None)
+    assert_close("y", y.detach(), y_r, mag_y, x.dtype)
+    (dx_r, _, _), (mdx, _, _) = ref_backward(g, x.detach(), u64, W64, A0, B0, 1.0, 0.0, None)
+    assert_close("dx", x.grad, dx_r, mdx, x.dtype)
