@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=3, help="untimed warm-up repetitions (default: 3)")
     sp.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice)")
+    sp.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="dropout on the LoRA branch, both sides (default: 0; the recipes use 0.05)")
 
     sw = sub.add_parser("sweep", help="short trainings over a grid of TrainConfig fields")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -121,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            result = run_speed(_spec(args), steps=args.steps, warmup=args.warmup, progress=say)
+            if not 0.0 <= args.lora_dropout < 1.0:
+                raise CompareError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+            result = run_speed(_spec(args), steps=args.steps, warmup=args.warmup, progress=say,
+                               lora_dropout=args.lora_dropout)
             print(format_speed(result))
             if args.json:
                 write_json(args.json, result)

@@ -110,10 +110,16 @@ def peak_memory(fn: Callable[[], None], cuda: bool) -> tuple[Optional[float], st
 
 
 def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int = 4,
-              progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Measure every variant; return a JSON-able dict with per-phase median/p10/p90 and ratios."""
+              progress: Optional[Callable[[str], None]] = None, lora_dropout: float = 0.0) -> dict:
+    """Measure every variant; return a JSON-able dict with per-phase median/p10/p90 and ratios.
+
+    The base model's own dropouts are off on both sides; `lora_dropout` is the LoRA branch's rate,
+    set alike on ours and peft's (the recipes train with 0.05), so its cost is in the timings.
+    """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout={lora_dropout}: must be in [0, 1)")
     say = progress or (lambda msg: None)
     cuda = torch.cuda.is_available()
     base_spec = ModelSpec(**{**vars(spec), "kernel": "torch"})
@@ -135,6 +141,8 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
     for v in live:
         no_dropout(v.model)
         v.model.train()
+    if lora_dropout > 0:
+        set_lora_dropout(pair.keymap, lora_dropout)
     # The two ours variants share one model (set_kernel switches), so they share one optimizer.
     opts = {}
     for v in live:
@@ -202,7 +210,7 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
     peft_cpu = {p: statistics.median(peft_v.cpu_times[p]) for p in PHASES}
     result = {"device": torch.cuda.get_device_name() if cuda else _cpu_name(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "spec": vars(spec), "steps": steps, "warmup": warmup, "tokens_per_step": tokens,
+              "spec": vars(spec), "lora_dropout": lora_dropout, "steps": steps, "warmup": warmup, "tokens_per_step": tokens,
               "memory": mem_how, "timer": "cuda events" if cuda else "perf_counter wall time",
               "variants": []}
     for v in variants:
@@ -219,6 +227,14 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
             entry["peak_mem_bytes"] = v.peak_mem
         result["variants"].append(entry)
     return result
+
+
+def set_lora_dropout(keymap: dict, p: float) -> None:
+    """The same LoRA dropout rate on both sides: ours (LoraLinear) and peft's (lora.LoraLayer)."""
+    for mine, theirs in keymap.values():
+        mine.dropout_p = p
+        mine.lora_dropout = torch.nn.Dropout(p)
+        theirs.lora_dropout["default"] = torch.nn.Dropout(p)
 
 
 def _cpu_name() -> str:
@@ -257,7 +273,8 @@ def format_speed(result: dict) -> str:
                          (None if mem is None else mem / 2**20) if last else ""])
     s = result["spec"]
     head = (f"speed vs peft: model={s['model']} quantization={s['quantization']} dtype={s['dtype']} "
-            f"r={s['r']} batch={s['batch']}x{s['seq']} ({result['tokens_per_step']} tokens/step), "
+            f"r={s['r']} lora_dropout={result['lora_dropout']} batch={s['batch']}x{s['seq']} "
+            f"({result['tokens_per_step']} tokens/step), "
             f"{result['steps']} reps after {result['warmup']} warm-up, interleaved\n"
             f"device: {result['device']}; torch {result['torch']}, {result['threads']} threads; "
             f"timer: {result['timer']}")

@@ -4,7 +4,8 @@
 `ops.lora_forward` and, in backward, `ops.lora_backward`, where `ops` is `kernels.reference` or one
 of the Triton op modules (same signatures; see reference.py). Between the passes it saves only
 x [M, K] (the input, which the caller holds anyway), u [M, r] and the LoRA weights A [r, K] and
-B [N, r] (parameters, not copies) through `save_for_backward`; the base weight record and the
+B [N, r] (parameters, not copies) through `save_for_backward`, plus, on the torch path with
+dropout, the bool mask [M, K] (the Triton kernels regenerate it from the seed instead); the base weight record and the
 dropout seed ride on ctx as plain attributes. Nothing [N, K]-sized is saved: a quantized W is
 dequantized again (or, in the fused kernels, inside the K loop) in backward.
 
@@ -44,8 +45,16 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor],
                 weight: BaseWeight, scaling: float, dropout_p: float, seed: Optional[int],
                 ops: ModuleType) -> torch.Tensor:
-        y, u = ops.lora_forward(x, weight, bias, A, B, scaling, dropout_p, seed)  # [M, N], [M, r]
-        ctx.save_for_backward(x, u, A, B)
+        keep = None
+        if ops is reference and dropout_p > 0.0:
+            # The torch path draws the Philox mask once and keeps it for backward: bool [M, K], a
+            # quarter of the fp32 dropout(x) that peft's graph saves; drawing it again costs ~8x
+            # torch's own dropout on CPU. The fused kernels regenerate it in-kernel instead.
+            keep = reference.dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+            y, u = ops.lora_forward(x, weight, bias, A, B, scaling, dropout_p, seed, keep=keep)
+        else:
+            y, u = ops.lora_forward(x, weight, bias, A, B, scaling, dropout_p, seed)  # [M, N], [M, r]
+        ctx.save_for_backward(x, u, A, B, keep)
         ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.ops = weight, scaling, dropout_p, seed, ops
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -59,13 +68,14 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g: torch.Tensor):
-        x, u, A, B = ctx.saved_tensors
+        x, u, A, B, keep = ctx.saved_tensors
         needs_dx, needs_dA, needs_dB, needs_db = ctx.needs_input_grad[:4]
         g = g.contiguous()  # [M, N]; autograd may hand over an expanded or strided gradient
         dx = dA = dB = db = None
         if needs_dx or needs_dA or needs_dB:
+            extra = {} if keep is None else {"keep": keep}  # the torch path's saved mask
             dx, dA, dB = ctx.ops.lora_backward(g, x, u, ctx.weight, A, B, ctx.scaling,
-                                               ctx.dropout_p, ctx.seed, needs_dx=needs_dx)
+                                               ctx.dropout_p, ctx.seed, needs_dx=needs_dx, **extra)
         if needs_db:
             db = _cast(g.sum(0), ctx.bias_dtype)  # [N]: nn.Linear's bias gradient
         return (dx if needs_dx else None, dA if needs_dA else None, dB if needs_dB else None, db,

@@ -418,17 +418,20 @@ def lora_forward(
     scaling: float,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
+    keep: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(y [M, N] in x.dtype, u [M, r] = dropout(x) @ A^T in the LoRA dtype). See the module doc.
 
     x [M, K]; A [r, K], B [N, r] (or both None: returns (base output, None)); `seed` is required
-    when dropout_p > 0.
+    when dropout_p > 0. `keep`: dropout_mask(seed, M, K, dropout_p) when the caller already has it.
     """
     y = base_forward(x, weight, bias)  # [M, N] x.dtype
     if A is None:
         return y, None
     xl = x if x.dtype == A.dtype else x.to(A.dtype)  # [M, K] LoRA dtype
-    u = F.linear(apply_dropout(xl, seed, dropout_p), A)  # [M, r]
+    if keep is None and dropout_p > 0.0:
+        keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    u = F.linear(_dropout_with(xl, keep, dropout_p), A)  # [M, r]
     if _exact_scale(scaling) and y.dtype == u.dtype and not y.requires_grad:
         lora = torch.addmm(y, u, B.t(), beta=0, alpha=scaling)  # [M, N]: y only gives the shape
     else:  # F.linear: one autograd node where u.mm(B.t()) records two (when autograd is on)
@@ -449,11 +452,12 @@ def lora_backward(
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
     needs_dx: bool = True,
+    keep: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(dx [M, K] in x.dtype or None, dA [r, K], dB [N, r] in the LoRA dtype) for g = dL/dy [M, N].
 
     u [M, r] is what lora_forward returned (any float dtype); the dropout mask is regenerated from
-    `seed`. With A = B = None use `base_backward`.
+    `seed` unless the forward's `keep` is passed. With A = B = None use `base_backward`.
     """
     lora_dtype = A.dtype
     gl = g if g.dtype == lora_dtype else g.to(lora_dtype)  # [M, N]
@@ -465,7 +469,8 @@ def lora_backward(
         gs = gl * scaling  # [M, N]
         dB = gs.t().mm(ul)  # [N, r]
         v = gs.mm(B)  # [M, r]
-    keep = None if dropout_p == 0.0 else dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    if keep is None and dropout_p > 0.0:
+        keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
     xl = x if x.dtype == lora_dtype else x.to(lora_dtype)
     dA = v.t().mm(_dropout_with(xl, keep, dropout_p))  # [r, K], the forward's mask again
     if not needs_dx:

@@ -22,3 +22,26 @@ def test_speed_cpu_table_and_json(tmp_path, capsys):
 
     if not torch.cuda.is_available():
         assert "interpreter" in by_name["ours-triton"]["skipped"]
+
+
+def test_speed_lora_dropout_reaches_both_sides():
+    """--lora-dropout sets the same LoRA dropout on ours and peft's: in train mode two forwards of
+    either side differ (the base model's own dropouts stay off, so nothing else could)."""
+    import torch
+
+    from compare.equivalence import no_dropout
+    from compare.models import ModelSpec, build_pair, example_batch
+    from compare.speed import set_lora_dropout
+
+    spec = ModelSpec(seq=8)
+    pair = build_pair(spec)
+    batch = example_batch(pair.ours.base_model, spec, seed=1)
+    for model in (pair.ours, pair.peft):
+        no_dropout(model)
+        model.train()
+    with torch.no_grad():
+        same = [torch.equal(m(**batch).logits, m(**batch).logits) for m in (pair.ours, pair.peft)]
+        assert same == [True, True]  # all dropout off: deterministic
+        set_lora_dropout(pair.keymap, 0.3)
+        differ = [not torch.equal(m(**batch).logits, m(**batch).logits) for m in (pair.ours, pair.peft)]
+    assert differ == [True, True], differ

@@ -201,3 +201,29 @@ def test_trainable_dense_base_weight_gets_its_gradient():
     W2 = W.detach().clone().requires_grad_()
     peft_graph(x.detach(), W2, None, A.detach(), B.detach(), 1.0).square().sum().backward()
     torch.testing.assert_close(W.grad, W2.grad)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "nf4"])
+def test_torch_path_draws_the_dropout_mask_once(fmt, monkeypatch):
+    """The torch path keeps forward's Philox mask for backward (one draw per step, not two), and its
+    gradients equal peft's graph with that same mask (what regenerating it from the seed gave)."""
+    M, K, N, r, p, seed = 6, 128, 64, 4, 0.3, 11
+    W32 = torch.randn(N, K)
+    weight = DenseWeight(W32) if fmt == "dense" else quantize_4bit(W32, "nf4", nested=True)[0]
+    W = reference.dequantize(weight, torch.float32)
+    x, A, B = leaves(torch.randn(M, K), torch.randn(r, K), torch.randn(N, r))
+    g = torch.randn(M, N)
+    draws = []
+    real = reference.dropout_mask
+    monkeypatch.setattr(reference, "dropout_mask", lambda *a, **k: draws.append(a) or real(*a, **k))
+
+    y = kernels.lora_linear(x, weight, None, A, B, 2.0, p, True, "torch", seed)
+    got = grads(y, [x, A, B], g)
+    assert len(draws) == 1, draws
+
+    keep = real(seed, M, K, p)
+    x2, A2, B2 = leaves(x, A, B)
+    want = grads(peft_graph(x2, W, None, A2, B2, 2.0, keep, p), [x2, A2, B2], g)
+    for name, a, b in zip("xAB", got, want):
+        # fp32 on both sides, same mask: only the order of a few fp32 operations differs.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
