@@ -298,50 +298,48 @@ def check_adapter_files(pair: Pair, spec: ModelSpec, batch: dict, tol, tmp: Path
     import lora_core
     import peft
 
-    rows = []
     ours_dir, peft_dir = tmp / "ours_adapter", tmp / "peft_adapter"
     pair.ours.save_pretrained(str(ours_dir))
     pair.peft.save_pretrained(str(peft_dir))
 
+    def ab_ours(layer):  # our LoraLinear
+        return layer.lora_A.weight, layer.lora_B.weight
+
+    def ab_peft(layer):  # peft's lora.LoraLayer (per-adapter dicts)
+        return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
     loaded_p = peft.PeftModel.from_pretrained(models.load_base(spec), str(ours_dir))
     no_dropout(loaded_p)
-    theirs = models.peft_lora_layers(loaded_p)
-    tensors = {}
-    for path, (mine, _) in pair.keymap.items():
-        if path not in theirs:
-            tensors[f"{path} (missing in peft)"] = (torch.ones(1), torch.zeros(1) + float("inf"))
-            continue
-        tensors[f"{path}.lora_A"] = (mine.lora_A.weight, theirs[path].lora_A["default"].weight)
-        tensors[f"{path}.lora_B"] = (mine.lora_B.weight, theirs[path].lora_B["default"].weight)
-    t_diff, t_where = _same_tensors(tensors)
-    a, r = diff(logits_of(loaded_p, batch, "exact"), logits_of(pair.ours, batch, "exact"))
-    row = _row("our adapter file -> peft", a, r, tol,
-               where=("tensors bit-identical" if t_diff == 0 else
-                      f"tensor changed in the file: {t_where} by {t_diff:.3g}"),
-               detail={"tensor_max_abs": t_diff})
-    row.ok = row.ok and t_diff == 0
-    rows.append(row)
+    row_p = _file_row("our adapter file -> peft", {p: ab_ours(m) for p, (m, _) in pair.keymap.items()},
+                      models.peft_lora_layers(loaded_p), ab_peft, loaded_p, pair.ours, batch, tol)
 
     loaded_o = lora_core.LoraModel.from_pretrained(models.load_base(spec), str(peft_dir))
     loaded_o.set_kernel(spec.kernel)
     no_dropout(loaded_o)
-    mine_loaded = dict(loaded_o.lora_layers())
+    row_o = _file_row("peft adapter file -> ours", {p: ab_peft(t) for p, (_, t) in pair.keymap.items()},
+                      dict(loaded_o.lora_layers()), ab_ours, loaded_o, pair.peft, batch, tol)
+    return row_p, row_o
+
+
+def _file_row(name: str, written: dict, loaded_layers: dict, ab, loaded, writer, batch: dict, tol) -> Row:
+    """One round-trip row: the loaded model's logits against the writer's (exact mode), failing
+    outright unless every LoRA tensor came back bit for bit. written: {path: (A, B)} of the writer;
+    loaded_layers: {path: layer} of the loaded model, read by `ab(layer) -> (A, B)`."""
     tensors = {}
-    for path, (_, theirs_l) in pair.keymap.items():
-        if path not in mine_loaded:
-            tensors[f"{path} (missing in ours)"] = (torch.ones(1), torch.zeros(1) + float("inf"))
+    for path, (A, B) in written.items():
+        if path not in loaded_layers:
+            tensors[f"{path} (missing after loading)"] = (torch.ones(1), torch.zeros(1) + float("inf"))
             continue
-        tensors[f"{path}.lora_A"] = (mine_loaded[path].lora_A.weight, theirs_l.lora_A["default"].weight)
-        tensors[f"{path}.lora_B"] = (mine_loaded[path].lora_B.weight, theirs_l.lora_B["default"].weight)
+        A2, B2 = ab(loaded_layers[path])
+        tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = (A2, A), (B2, B)
     t_diff, t_where = _same_tensors(tensors)
-    a, r = diff(logits_of(loaded_o, batch, "exact"), logits_of(pair.peft, batch, "exact"))
-    row = _row("peft adapter file -> ours", a, r, tol,
+    a, r = diff(logits_of(loaded, batch, "exact"), logits_of(writer, batch, "exact"))
+    row = _row(name, a, r, tol,
                where=("tensors bit-identical" if t_diff == 0 else
                       f"tensor changed in the file: {t_where} by {t_diff:.3g}"),
                detail={"tensor_max_abs": t_diff})
     row.ok = row.ok and t_diff == 0
-    rows.append(row)
-    return tuple(rows)
+    return row
 
 
 def check_merge(pair: Pair, batch: dict, tols, quantization: str) -> tuple[Row, Row]:
