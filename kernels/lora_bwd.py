@@ -41,12 +41,10 @@ GPU_CONFIGS = gemm_configs([
     (128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3),
     (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
 ])
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
-                                   num_warps=4, num_stages=1)
 
 
 def _configs() -> list[triton.Config]:
-    return active_configs(GPU_CONFIGS, INTERPRETER_CONFIG)
+    return active_configs(GPU_CONFIGS)
 
 
 @triton.autotune(configs=_configs(),

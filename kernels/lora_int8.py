@@ -50,20 +50,5 @@ def dequantize(weight: Int8Weight, dtype: Optional[torch.dtype] = None) -> torch
 dropout_mask = triton_ops.dropout_mask
 
 
-def unsupported_reason(x, weight, bias, A, B, dropout_p) -> Optional[str]:
-    """None when lora_forward / lora_backward accept these inputs, else why not (for backend='auto')."""
-    return triton_ops.check_reason(weight_args, x, weight, bias, A, B, dropout_p)
-
-
-def lora_forward(x, weight: Int8Weight, bias, A, B, scaling, dropout_p=0.0, seed=None, *,
-                 out=None, u_out=None):
-    """(y [M, N] in x.dtype, u [M, r] fp32): reference.lora_forward, fused (lora_fwd.py)."""
-    return triton_ops.forward(x, weight_args(weight), bias, A, B, scaling, dropout_p, seed,
-                              out=out, u_out=u_out)
-
-
-def lora_backward(g, x, u, weight: Int8Weight, A, B, scaling, dropout_p=0.0, seed=None,
-                  needs_dx=True, *, dx_out=None):
-    """(dx [M, K] | None, dA [r, K], dB [N, r]): reference.lora_backward, fused (lora_bwd.py)."""
-    return triton_ops.backward(g, x, u, weight_args(weight), A, B, scaling, dropout_p, seed,
-                               needs_dx, dx_out=dx_out)
+# reference.py's contract for this format: the shared launchers, reading the record via weight_args.
+lora_forward, lora_backward, unsupported_reason = triton_ops.bind_format(weight_args)

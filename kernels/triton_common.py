@@ -44,10 +44,15 @@ def gemm_configs(tiles: list[tuple[int, int, int, int, int]]) -> list:
                           num_warps=warps, num_stages=stages) for bm, bn, bk, warps, stages in tiles]
 
 
-def active_configs(gpu_configs: list, interpreter_config) -> list:
-    """What autotuning may pick: under the interpreter only `interpreter_config` (tuning is pure
-    cost there); on a GPU every config, or just the first with LORAFUSE_AUTOTUNE=0."""
+def active_configs(gpu_configs: list, interpreter_config=None) -> list:
+    """What autotuning may pick: under the interpreter one small config (tuning is pure cost there;
+    default: a 32x32x64 GEMM tile); on a GPU every config, or just the first with LORAFUSE_AUTOTUNE=0."""
     if interpreting():
+        if interpreter_config is None:
+            import triton
+
+            interpreter_config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
+                                               num_warps=4, num_stages=1)
         return [interpreter_config]
     return gpu_configs if autotune_enabled() else gpu_configs[:1]
 

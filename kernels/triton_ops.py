@@ -7,8 +7,8 @@ also holds two small utility kernels that share the same tile code: `dequantize_
 merges, bit-exact with bitsandbytes) and `dropout_mask` (the in-kernel mask, made visible so tests
 can compare it bit-for-bit with reference.dropout_mask).
 
-`lora_forward` / `lora_backward` / `unsupported_reason` at the bottom dispatch on the weight type,
-for callers that do not want to pick the format file themselves.
+`bind_format` at the bottom gives each format file its `lora_forward` / `lora_backward` /
+`unsupported_reason` from its `weight_args`.
 """
 from __future__ import annotations
 
@@ -139,41 +139,27 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device=None) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------
-# Format dispatch
+# One format's entry points
 # ----------------------------------------------------------------------------------------------
 
-def format_module(weight):
-    """The format file implementing the contract for this weight record."""
-    from . import lora_4bit, lora_dense, lora_int8
-    from .weights import DenseWeight, Int8Weight, Quant4bitWeight
+def bind_format(weight_args: Callable) -> tuple[Callable, Callable, Callable]:
+    """reference.py's contract (lora_forward, lora_backward, unsupported_reason) for one format file,
+    given its `weight_args(weight) -> WeightArgs`, the only thing that differs between formats.
+    (`kernels.dispatch` picks the format file from the weight record's type.)"""
 
-    if isinstance(weight, Quant4bitWeight):
-        return lora_4bit
-    if isinstance(weight, Int8Weight):
-        return lora_int8
-    if isinstance(weight, DenseWeight):
-        return lora_dense
-    raise TypeError(f"unknown base weight type {type(weight).__name__}: expected DenseWeight, "
-                    "Quant4bitWeight or Int8Weight (kernels.weights)")
+    def lora_forward(x, weight, bias, A, B, scaling, dropout_p=0.0, seed=None, *, out=None, u_out=None):
+        """(y [M, N] in x.dtype, u [M, r] fp32): reference.lora_forward, fused (lora_fwd.py)."""
+        return forward(x, weight_args(weight), bias, A, B, scaling, dropout_p, seed, out=out,
+                       u_out=u_out)
 
+    def lora_backward(g, x, u, weight, A, B, scaling, dropout_p=0.0, seed=None, needs_dx=True, *,
+                      dx_out=None):
+        """(dx [M, K] | None, dA [r, K], dB [N, r]): reference.lora_backward, fused (lora_bwd.py)."""
+        return backward(g, x, u, weight_args(weight), A, B, scaling, dropout_p, seed, needs_dx,
+                        dx_out=dx_out)
 
-def lora_forward(x, weight, bias, A, B, scaling, dropout_p=0.0, seed=None, **kw):
-    return format_module(weight).lora_forward(x, weight, bias, A, B, scaling, dropout_p, seed, **kw)
+    def unsupported_reason(x, weight, bias, A, B, dropout_p) -> Optional[str]:
+        """None when lora_forward / lora_backward accept these inputs, else why not (backend='auto')."""
+        return check_reason(weight_args, x, weight, bias, A, B, dropout_p)
 
-
-def lora_backward(g, x, u, weight, A, B, scaling, dropout_p=0.0, seed=None, needs_dx=True, **kw):
-    return format_module(weight).lora_backward(g, x, u, weight, A, B, scaling, dropout_p, seed,
-                                               needs_dx, **kw)
-
-
-def dequantize(weight, dtype=None):
-    return format_module(weight).dequantize(weight, dtype)
-
-
-def unsupported_reason(x, weight, bias, A, B, dropout_p) -> Optional[str]:
-    """None when the Triton ops accept these inputs, else the reason (backend='auto' prints it)."""
-    try:
-        mod = format_module(weight)
-    except TypeError as e:
-        return str(e)
-    return mod.unsupported_reason(x, weight, bias, A, B, dropout_p)
+    return lora_forward, lora_backward, unsupported_reason

@@ -7,7 +7,7 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from kernels import lora_4bit, lora_dense, lora_int8, triton_ops
+from kernels import lora_4bit, lora_dense, lora_int8
 from kernels.triton_common import MAX_RANK, TritonInputError
 from kernels.weights import DenseWeight, Int8Weight, Quant4bitWeight
 from triton_cases import DEVICE, make_lora, make_weight, rand
@@ -126,8 +126,11 @@ def test_wrong_format_and_dtypes():
                          SCB=torch.ones(N, device=DEVICE)), mod=lora_int8)
     with pytest.raises(TritonInputError, match="fp16/bf16/fp32"):
         _call(DenseWeight(torch.zeros(N, K, dtype=torch.int32, device=DEVICE)), mod=lora_dense)
+    import kernels
+
     with pytest.raises(TypeError, match="unknown base weight"):
-        triton_ops.lora_forward(rand((M, K), torch.bfloat16), object(), None, None, None, 1.0)
+        kernels.lora_linear(rand((M, K), torch.bfloat16), object(), None, None, None, 1.0,
+                            backend="triton")
 
 
 def test_backward_bad_grad_and_u(nf4):
