@@ -15,7 +15,6 @@ from typing import Any, Optional, Union
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # Default target_modules per `config.model_type` when target_modules is None. These are facts read
@@ -69,8 +68,6 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
-# Fields that only matter together with an unsupported feature: any value is accepted and kept.
-INERT_DEFAULTS: dict[str, Any] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
 
 
 def default_target_modules(model_type: Optional[str]) -> list[str]:
