@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch intra-op threads (default: torch's choice)")
     sp.add_argument("--lora-dropout", type=float, default=0.0,
                     help="dropout on the LoRA branch, both sides (default: 0; the recipes use 0.05)")
+    sp.add_argument("--memory-breakdown", action="store_true",
+                    help="also print what the memory peak is made of (weights, optimizer state, "
+                         "gradients, saved activations, other) and the bytes saved per LoRA layer name")
+    sp.add_argument("--plot", default=None, metavar="PATH",
+                    help="also write a PNG here: time per phase with p10-p90, ratio to peft, memory")
 
     sw = sub.add_parser("sweep", help="short trainings over a grid of TrainConfig fields")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -125,11 +130,19 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             if not 0.0 <= args.lora_dropout < 1.0:
                 raise CompareError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+            if args.plot is not None:
+                from .plots import check_png_path
+
+                check_png_path(args.plot)
             result = run_speed(_spec(args), steps=args.steps, warmup=args.warmup, progress=say,
                                lora_dropout=args.lora_dropout)
-            print(format_speed(result))
+            print(format_speed(result, breakdown=args.memory_breakdown))
             if args.json:
                 write_json(args.json, result)
+            if args.plot is not None:
+                from .plots import plot_speed
+
+                print(f"wrote {plot_speed(result, args.plot)}")
             return 0
         if args.command == "sweep":
             from .ablation import format_rows, parse_grid, parse_settings, sweep

@@ -13,13 +13,13 @@ import csv
 import dataclasses
 import io
 import itertools
-import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from .models import CompareError
+from .plots import plot_sweep
 from .report import jsonable, table, write_json, write_text
 
 # Fields a sweep sets itself for each run (or that make no sense per grid point).
@@ -222,44 +222,7 @@ def write_results(rows: list[dict], keys: list[str], base: Mapping[str, Any], ou
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     write_text(out / "results.csv", buf.getvalue())
     write_json(out / "results.json", {"grid_keys": keys, "base_config": jsonable(dict(base)), "rows": rows})
-    _plot(rows, keys, out / "results.png")
-
-
-def _plot(rows: list[dict], keys: list[str], path: Path) -> None:
-    """Two bar charts side by side: final eval loss and mean step time, one bar per setting."""
-    import os
-    import tempfile
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
-    from matplotlib.figure import Figure
-
-    labels = ["\n".join(f"{k}={r[k]}" for k in keys) for r in rows]
-    nan = float("nan")
-    loss = [r["eval_loss"] if r["eval_loss"] is not None else nan for r in rows]
-    step = [r["step_time_s"] * 1e3 if r["step_time_s"] is not None else nan for r in rows]
-    fig = Figure(figsize=(max(6.0, 1.6 * len(rows)) * 2, 4.5))
-    FigureCanvasAgg(fig)
-    for ax, vals, title, unit in ((fig.add_subplot(1, 2, 1), loss, "final eval loss", "loss"),
-                                  (fig.add_subplot(1, 2, 2), step, "mean step time", "ms")):
-        xs = range(len(rows))
-        ax.bar(xs, [0 if math.isnan(v) else v for v in vals], color="tab:blue")
-        for x, v, r in zip(xs, vals, rows):
-            ax.annotate("failed" if r.get("error") else f"{v:.3g}", (x, 0 if math.isnan(v) else v),
-                        ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_title(title)
-        ax.set_ylabel(unit)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    plot_sweep(rows, keys, out / "results.png")
 
 
 def format_rows(rows: list[dict]) -> str:

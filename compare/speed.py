@@ -6,23 +6,30 @@ Per variant it times three things on the same rotating batches:
   optimizer step   = zero_grad + forward + backward + AdamW.step()
 After warm-up, every repetition runs each variant once, in an order that rotates, so drift of the
 machine (other processes, frequency) spreads over all variants alike. On CUDA, times come from CUDA
-events and peak memory from the caching allocator; on CPU, wall time (perf_counter) and the peak
-resident set size during one optimizer step (high-water mark reset through /proc/self/clear_refs).
+events; on CPU, wall time (perf_counter) and process CPU time.
+
+Memory, after the timing, one more optimizer step per variant (`compare.memory.measure_step`): the
+allocator's own events under torch.profiler give the live tensor bytes at the step's peak, what they
+are (weights, optimizer state, gradients, saved activations, other) and what autograd saved per
+LoRA layer. It counts bytes, not pages, so it does not depend on which variant ran first. On CUDA
+the caching allocator's peaks (allocated and reserved, reset per variant) are reported beside it.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import memory
+from .equivalence import no_dropout
 from .models import CompareError, ModelSpec, build_pair, example_batch, lora_params
 from .report import table
-from .equivalence import no_dropout
 
 PHASES = ("forward", "forward+backward", "optimizer step")
+VARIANTS = ("ours-torch", "ours-triton", "peft")
 
 
 @dataclass
@@ -33,10 +40,12 @@ class Variant:
     model: object = None
     kernel: Optional[str] = None
     skipped: str = ""
+    layers: dict = field(default_factory=dict)  # {path: this side's LoRA layer}
     opt: object = None
     times: dict = field(default_factory=lambda: {p: [] for p in PHASES})
     cpu_times: dict = field(default_factory=lambda: {p: [] for p in PHASES})  # process CPU seconds
-    peak_mem: Optional[float] = None  # bytes
+    memory: Optional[memory.StepMemory] = None
+    cuda_memory: Optional[dict] = None  # memory.cuda_peaks
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -74,69 +83,46 @@ class _Timer:
         return time.perf_counter() - t, time.process_time() - c
 
 
-def _rss_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) * 1024  # kB -> bytes
-    return out
-
-
-def peak_memory(fn: Callable[[], None], cuda: bool) -> tuple[Optional[float], str]:
-    """(peak bytes above the level before `fn`, how it was measured); None when it cannot be.
-
-    CPU: resets the kernel's RSS high-water mark, runs fn, reads VmHWM - VmRSS(before). Memory that
-    the allocator reuses from its free lists does not show, so small models read near zero.
-    """
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - base), "cuda max_memory_allocated - allocated before"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
-        before = _rss_status()["VmRSS"]
-        fn()
-        # max(0, .): the kernel's RSS counters are updated lazily, so a step that allocates nothing
-        # new can read a few pages below the level before it.
-        return float(max(0, _rss_status()["VmHWM"] - before)), "peak RSS delta (VmHWM after clear_refs)"
-    except OSError as e:
-        return None, f"peak RSS unavailable here ({e})"
-
-
 def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int = 4,
-              progress: Optional[Callable[[str], None]] = None, lora_dropout: float = 0.0) -> dict:
-    """Measure every variant; return a JSON-able dict with per-phase median/p10/p90 and ratios.
+              progress: Optional[Callable[[str], None]] = None, lora_dropout: float = 0.0,
+              variants: Optional[Sequence[str]] = None) -> dict:
+    """Measure every variant; return a JSON-able dict with per-phase median/p10/p90 and ratios,
+    and each variant's memory (`compare.memory.StepMemory.to_dict()` under "memory").
 
     The base model's own dropouts are off on both sides; `lora_dropout` is the LoRA branch's rate,
     set alike on ours and peft's (the recipes train with 0.05), so its cost is in the timings.
+    `variants`: which of VARIANTS to run (peft and at least one of ours), in the order the first
+    repetition and the memory steps run them; default: all.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout}: must be in [0, 1)")
+    names = list(VARIANTS if variants is None else variants)
+    if (any(n not in VARIANTS for n in names) or len(set(names)) != len(names) or "peft" not in names
+            or len(names) < 2):
+        raise ValueError(f"variants={names}: peft and one or both of ours, each at most once "
+                         f"(from {', '.join(VARIANTS)})")
     say = progress or (lambda msg: None)
     cuda = torch.cuda.is_available()
     base_spec = ModelSpec(**{**vars(spec), "kernel": "torch"})
     base_spec.validate()
     say("building ours and peft")
     pair = build_pair(base_spec)
-    variants = [Variant("ours-torch", pair.ours, "torch")]
+    ours_layers = {path: mine for path, (mine, _) in pair.keymap.items()}
+    peft_layers = {path: theirs for path, (_, theirs) in pair.keymap.items()}
+    made = {"ours-torch": Variant("ours-torch", pair.ours, "torch", layers=ours_layers),
+            "peft": Variant("peft", pair.peft, layers=peft_layers)}
     if cuda:
         try:
             import triton  # noqa: F401
-            variants.append(Variant("ours-triton", pair.ours, "triton"))
+            made["ours-triton"] = Variant("ours-triton", pair.ours, "triton", layers=ours_layers)
         except ImportError as e:
-            variants.append(Variant("ours-triton", skipped=f"triton not importable: {e}"))
+            made["ours-triton"] = Variant("ours-triton", skipped=f"triton not importable: {e}")
     else:
-        variants.append(Variant("ours-triton", skipped="no CUDA: Triton runs only in its interpreter "
-                                                         "on CPU, whose timings say nothing"))
-    variants.append(Variant("peft", pair.peft))
+        made["ours-triton"] = Variant("ours-triton", skipped="no CUDA: Triton runs only in its interpreter "
+                                                             "on CPU, whose timings say nothing")
+    variants = [made[n] for n in names]
     live = [v for v in variants if not v.skipped]
     for v in live:
         no_dropout(v.model)
@@ -197,11 +183,13 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
                     v.cpu_times[name].append(cpu)
             v.model.zero_grad(set_to_none=True)
 
-    mem_how = ""
+    say("memory: one more optimizer step each, under the profiler")
     for v in live:
         if v.kernel:
             v.model.set_kernel(v.kernel)
-        v.peak_mem, mem_how = peak_memory(phases(v, batches[0])["optimizer step"], cuda)
+        v.memory = memory.measure_step(v.model, v.opt, batches[0], v.layers)
+        if cuda:
+            v.cuda_memory = memory.cuda_peaks(phases(v, batches[0])["optimizer step"])
         v.model.zero_grad(set_to_none=True)
 
     peft_v = next(v for v in variants if v.name == "peft")
@@ -211,7 +199,9 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
     result = {"device": torch.cuda.get_device_name() if cuda else _cpu_name(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "spec": vars(spec), "lora_dropout": lora_dropout, "steps": steps, "warmup": warmup, "tokens_per_step": tokens,
-              "memory": mem_how, "timer": "cuda events" if cuda else "perf_counter wall time",
+              "memory": memory.HOW, "timer": "cuda events" if cuda else "perf_counter wall time",
+              "cuda_memory": ("caching allocator peaks during one optimizer step above the levels "
+                              "before it, after empty_cache and a peak reset") if cuda else None,
               "variants": []}
     for v in variants:
         entry = {"name": v.name, "skipped": v.skipped}
@@ -224,7 +214,9 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
                             "min_ratio_to_peft": mn / peft_min[p] if peft_min[p] > 0 else None,
                             "cpu_ratio_to_peft": cpu / peft_cpu[p] if peft_cpu[p] > 0 else None}
             entry["tokens_per_s"] = tokens / entry["optimizer step"]["median_s"]
-            entry["peak_mem_bytes"] = v.peak_mem
+            entry["memory"] = v.memory.to_dict()
+            if v.cuda_memory is not None:
+                entry["cuda_memory"] = v.cuda_memory
         result["variants"].append(entry)
     return result
 
@@ -253,10 +245,12 @@ def _cpu_name() -> str:
     return f"CPU: {name}, {os.cpu_count()} cores visible"
 
 
-def format_speed(result: dict) -> str:
-    """Aligned table, one row per variant and phase: median [p10, p90], min, ratios to peft."""
+def format_speed(result: dict, breakdown: bool = False) -> str:
+    """Aligned tables: one row per variant and phase (median [p10, p90], min, ratios to peft), then
+    one row per variant of memory; with `breakdown`, what the peak is made of and the bytes saved
+    for backward per kind of LoRA layer."""
     headers = ["variant", "phase", "median ms", "p10 ms", "p90 ms", "min ms", "ratio", "ratio(min)",
-               "cpu ms", "ratio(cpu)", "tokens/s", "peak MiB"]
+               "cpu ms", "ratio(cpu)", "tokens/s"]
     rows = []
     for v in result["variants"]:
         if v["skipped"]:
@@ -264,13 +258,10 @@ def format_speed(result: dict) -> str:
             continue
         for p in PHASES:
             d = v[p]
-            last = p == PHASES[-1]
-            mem = v["peak_mem_bytes"]
             rows.append([v["name"], p, d["median_s"] * 1e3, d["p10_s"] * 1e3, d["p90_s"] * 1e3,
                          d["min_s"] * 1e3, d["ratio_to_peft"], d["min_ratio_to_peft"],
                          d["cpu_median_s"] * 1e3, d["cpu_ratio_to_peft"],
-                         v["tokens_per_s"] if last else "",
-                         (None if mem is None else mem / 2**20) if last else ""])
+                         v["tokens_per_s"] if p == PHASES[-1] else ""])
     s = result["spec"]
     head = (f"speed vs peft: model={s['model']} quantization={s['quantization']} dtype={s['dtype']} "
             f"r={s['r']} lora_dropout={result['lora_dropout']} batch={s['batch']}x{s['seq']} "
@@ -280,7 +271,67 @@ def format_speed(result: dict) -> str:
             f"timer: {result['timer']}")
     notes = ["ratio = ours / peft (below 1 = ours faster) of the median wall time, of the minimum, and "
              "of the median process CPU time (cpu ms: time actually computing, all threads; steadier "
-             "than wall time on a shared machine); tokens/s from the median optimizer step; "
-             f"peak memory: {result['memory']}"]
+             "than wall time on a shared machine); tokens/s from the median optimizer step"]
     notes += [f"{v['name']}: skipped ({v['skipped']})" for v in result["variants"] if v["skipped"]]
-    return "\n".join([head, table(headers, rows)] + notes)
+    out = [head, table(headers, rows)] + notes + ["", format_memory(result)]
+    if breakdown:
+        out += ["", format_breakdown(result)]
+    return "\n".join(out)
+
+
+def _per_layer(mem: dict) -> float:
+    """Mean bytes autograd saved inside one LoRA layer's forward (nan without LoRA layers)."""
+    layers = mem["saved_per_layer_bytes"]
+    return sum(layers.values()) / len(layers) if layers else float("nan")
+
+
+def format_memory(result: dict) -> str:
+    """One row per variant: peak, peak above the step's start, saved activations, ratios to peft."""
+    ran = [v for v in result["variants"] if not v["skipped"]]
+    peft = next(v["memory"] for v in ran if v["name"] == "peft")
+    cuda = any("cuda_memory" in v for v in ran)
+    headers = ["variant", "peak MiB", "step MiB", "ratio(step)", "peak in", "saved MiB",
+               "saved/LoRA layer KiB", "ratio(saved/layer)"]
+    headers += ["cuda alloc MiB", "cuda reserved MiB"] if cuda else []
+    rows = []
+    for v in ran:
+        m = v["memory"]
+        row = [v["name"], m["peak_bytes"] / 2**20, m["step_bytes"] / 2**20,
+               m["step_bytes"] / peft["step_bytes"] if peft["step_bytes"] else None, m["peak_phase"],
+               m["saved_bytes"] / 2**20, _per_layer(m) / 2**10, _per_layer(m) / _per_layer(peft)]
+        if cuda:
+            c = v.get("cuda_memory") or {}
+            row += [c.get("allocated_bytes", 0) / 2**20, c.get("reserved_bytes", 0) / 2**20]
+        rows.append(row)
+    n_layers = len(peft["saved_per_layer_bytes"])
+    notes = [f"memory: {result['memory']}; the same whichever variant runs first",
+             "peak = live tensor bytes at the step's peak (weights, optimizer state and batch included); "
+             "step = peak above the level at the step's start; saved = what autograd keeps from "
+             "forward to backward (unique storages, weights excluded); saved/LoRA layer = mean over "
+             f"the {n_layers} LoRA layers of what each one's forward saved (its input included)"]
+    if cuda:
+        notes.append(f"cuda: {result['cuda_memory']}")
+    return "\n".join([table(headers, rows)] + notes)
+
+
+def format_breakdown(result: dict) -> str:
+    """What the peak is made of per variant (MiB), and saved bytes per LoRA layer name (KiB)."""
+    ran = [v for v in result["variants"] if not v["skipped"]]
+    kinds = table(["variant"] + [f"{c} MiB" for c in memory.CATEGORIES],
+                  [[v["name"]] + [v["memory"]["breakdown_bytes"][c] / 2**20 for c in memory.CATEGORIES]
+                   for v in ran])
+    by_name: dict[str, dict[str, list[int]]] = {}  # "q_proj" -> {variant: [bytes per layer]}
+    for v in ran:
+        for path, n in v["memory"]["saved_per_layer_bytes"].items():
+            by_name.setdefault(path.rsplit(".", 1)[-1], {}).setdefault(v["name"], []).append(n)
+    names = [v["name"] for v in ran]
+    rows = []
+    for layer, per in by_name.items():
+        means = [sum(per[n]) / len(per[n]) / 2**10 if per.get(n) else None for n in names]
+        peft = means[names.index("peft")]
+        rows.append([layer, len(per["peft"])] + means + [m / peft if m is not None and peft else None
+                                                          for n, m in zip(names, means) if n != "peft"])
+    saved = table(["LoRA layer", "count"] + [f"{n} KiB" for n in names]
+                  + [f"{n}/peft" for n in names if n != "peft"], rows)
+    return ("live at the peak, by kind:\n" + kinds + "\n\nsaved for backward inside each LoRA layer's "
+            "forward (mean per layer of that name):\n" + saved)

@@ -1,14 +1,21 @@
-"""`compare speed` runs on CPU and prints a table with ratios to peft (no timing assertions)."""
+"""`compare speed` runs on CPU and prints a table with ratios to peft (no timing assertions),
+memory per variant, and on request the memory breakdown and a PNG."""
 import json
+
+import pytest
 
 from compare.__main__ import main
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
 
 def test_speed_cpu_table_and_json(tmp_path, capsys):
-    out = tmp_path / "speed.json"
-    assert main(["speed", "--steps", "2", "--warmup", "1", "--seq", "8", "--json", str(out)]) == 0
+    out, png = tmp_path / "speed.json", tmp_path / "pics" / "speed.png"
+    assert main(["speed", "--steps", "2", "--warmup", "1", "--seq", "8", "--json", str(out),
+                 "--memory-breakdown", "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
-    for word in ("ours-torch", "peft", "ratio", "optimizer step", "tokens/s", "skipped"):
+    for word in ("ours-torch", "peft", "ratio", "optimizer step", "tokens/s", "skipped", "step MiB",
+                 "saved/LoRA layer KiB", "live at the peak, by kind", "saved activations MiB", "q_proj"):
         assert word in printed, printed
     data = json.loads(out.read_text())
     by_name = {v["name"]: v for v in data["variants"]}
@@ -17,6 +24,13 @@ def test_speed_cpu_table_and_json(tmp_path, capsys):
     for phase in ("forward", "forward+backward", "optimizer step"):
         assert ours[phase]["median_s"] > 0 and ours[phase]["ratio_to_peft"] > 0
     assert ours["tokens_per_s"] > 0
+    for v in (ours, by_name["peft"]):
+        mem = v["memory"]
+        assert 0 < mem["start_bytes"] < mem["peak_bytes"] == sum(mem["breakdown_bytes"].values())
+        assert mem["breakdown_bytes"]["weights"] > 0 and mem["saved_bytes"] > 0
+        assert len(mem["saved_per_layer_bytes"]) == 4  # q_proj, v_proj in 2 layers
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10000
+    assert [p.name for p in png.parent.iterdir()] == ["speed.png"]  # no temp file left
     # Without CUDA the triton row is listed as skipped, with the reason.
     import torch
 
@@ -45,3 +59,17 @@ def test_speed_lora_dropout_reaches_both_sides():
         set_lora_dropout(pair.keymap, 0.3)
         differ = [not torch.equal(m(**batch).logits, m(**batch).logits) for m in (pair.ours, pair.peft)]
     assert differ == [True, True], differ
+
+
+@pytest.mark.parametrize("plot, expect", [("speed.txt", "give a path ending in .png"),
+                                          (".", "is a directory")])
+def test_speed_bad_plot_path(tmp_path, capsys, plot, expect):
+    """A --plot that cannot be a PNG is refused in one line, before any model is built."""
+    target = tmp_path / plot
+    if plot == ".":
+        target = tmp_path / "dir.png"
+        target.mkdir()
+    assert main(["speed", "--steps", "1", "--plot", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "building" not in err, err
+    assert err.count("error:") == 1
