@@ -97,7 +97,8 @@ def read_adapter(source: PathLike) -> Adapter:
     from lora_core import io as lora_io  # CONFIG_NAME etc. and the folder / hub-id resolver
 
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / lora_io.CONFIG_NAME).exists() and (path / "adapter" / lora_io.CONFIG_NAME).is_file():
+    if (path.is_dir() and not (path / lora_io.CONFIG_NAME).exists()
+            and (path / "adapter" / lora_io.CONFIG_NAME).is_file()):
         path = path / "adapter"  # a `python -m train` run folder
     try:
         local = lora_io._local_dir(path if path.exists() else str(source), need_weights=True)
@@ -275,6 +276,9 @@ def base_weights(base: str, adapter: Adapter, seed: int = DEFAULT_BASE_SEED) -> 
         w = w.detach().T if isinstance(module, Conv1D) else w.detach()  # Conv1D stores W as [in, out]
         if list(w.shape) != pair.shape:
             problems.append(f"{path}: base W {list(w.shape)} vs the adapter's [out, in] {pair.shape}")
+            continue
+        if not torch.isfinite(w).all():
+            problems.append(f"{path}: the base W has non-finite values")
             continue
         weights[path] = w.double()
     if problems:

@@ -272,7 +272,8 @@ def test_cli_writes_analysis_json_and_pngs(tmp_path, capsys):
         s = data["layers"][path]
         assert {"singular_values", "effective_rank", "delta_fro", "delta_to_base", "amplification",
                 "subspace_similarity"} <= set(s)
-        assert len(s["singular_values"]) == 2 and [len(s["subspace_similarity"]), len(s["subspace_similarity"][0])] == [2, 4]
+        phi = s["subspace_similarity"]
+        assert len(s["singular_values"]) == 2 and (len(phi), len(phi[0])) == (2, 4)
         dense = layer.delta_weight().double()
         assert s["delta_fro"] == pytest.approx(dense.norm().item(), rel=1e-5)
     assert not list(tmp_path.glob(".analysis.tmp-*"))  # no temp folder left
