@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compare",
                                      description="Equivalence and speed of lorafuse against peft; ablation sweeps.")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .analyze import add_analyze_parser
+    add_analyze_parser(sub)
 
     eq = sub.add_parser("equivalence", help="row-by-row numerical comparison with peft; exit 1 on any FAIL")
     _model_flags(eq)
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         # The tables are the output; transformers' per-load progress bars would bury them.
         transformers.utils.logging.disable_progress_bar()
     try:
+        if args.command == "analyze":
+            from .analyze import run_analyze_command
+            return run_analyze_command(args, progress=say)
         if args.command == "equivalence":
             from .equivalence import run_equivalence
 

@@ -19,12 +19,18 @@ from typing import Mapping, Optional, Sequence, Union
 NAN = float("nan")
 
 
-def _figure(panels: int, width: float, height: float = 4.5):
+def new_figure(width: float, height: float, **kwargs):
+    """A matplotlib Figure on its own Agg canvas (no pyplot state, no display); kwargs go to Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), **kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure(panels: int, width: float, height: float = 4.5):
+    fig = new_figure(width, height)
     return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
