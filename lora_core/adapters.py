@@ -12,6 +12,8 @@ a small module that owns its parameters and settings and answers the layer's fou
                           adapters before this one); x [..., K] the layer input
     delta_weight()        the change of W, [N, K] in fp32, that merging adds
     reset_parameters(init)
+and, for methods whose effect is a plain addition (LoRA), term(x) -> the added [..., N], which
+lets a mixed batch add it to its rows in place (peft's `result[rows] += term`).
 
 `METHODS` maps a method name to its class and `method_of(config)` picks it. LoRA variants (DoRA's
 magnitude vector, lora_bias) and other methods (IA3, a bottleneck adapter = LoRA with an activation
@@ -84,11 +86,14 @@ class LoraAdapter(nn.Module):
     def fused_args(self):
         return self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p
 
+    def term(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B(A(dropout(x))) [..., N] in the LoRA dtype, x [..., K] cast to it (peft's order)."""
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+
     def forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        # peft's lora.Linear.forward for one adapter: x cast to the LoRA dtype, the sum in the
-        # promoted dtype (the layer rounds once at the end). x [..., K] -> result [..., N].
-        x = x.to(self.lora_A.weight.dtype)
-        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # peft's lora.Linear.forward for one adapter: the sum in the promoted dtype (the layer
+        # rounds once at the end). x [..., K] -> result [..., N].
+        return result + self.term(x)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, [N, K] like W (fan_in_fan_out only changes how W is stored)."""

@@ -4,9 +4,11 @@ adapter_names, delete, per-adapter merge, status, and the peft methods we refuse
 
 Tolerances. fp32: exact (the same fp32 ops on the same weights, in peft's order) for logits and
 mixed batches; gradients within 1e-6 relative (summation order inside autograd's matmuls may
-differ; measured 0). nf4 (bf16 compute): NF4_TOL = 5e-2 relative on logits, as in
-test_equivalence.py: peft's bnb 4-bit layer rounds each LoRA output to bf16 before adding it to the
-base output, ours adds in fp32 and rounds once (measured <= 1.6e-2).
+differ; measured 0). nf4 (bf16 compute), as in test_equivalence.py: NF4_TOL = 5e-2 relative on
+logits, NF4_GRAD_TOL = 8e-2 on gradients (norm ratio): peft's bnb 4-bit layer rounds each LoRA
+output to bf16 before adding it to the base output, ours adds in fp32 and rounds once (measured
+7e-3 / 1.2e-2). In a mixed batch both sides round each row's term to bf16 before adding it
+(measured 0).
 """
 import contextlib
 import io as stdio
@@ -24,6 +26,7 @@ from lora_core import LoraConfig, LoraLinear, LoraModel, get_lora_model
 from tiny_models import example_inputs, load_tiny, save_tiny
 
 NF4_TOL = 5e-2
+NF4_GRAD_TOL = 8e-2  # ||ours - peft|| / ||peft|| per tensor, as test_equivalence.py's nf4 row
 GRAD_TOL = 1e-6
 # "default": r=4 on q/v; "other": r=8, another alpha, on k/v/down_proj (v is shared, k and down only
 # "other"'s: those layers hold only "other")
@@ -51,10 +54,11 @@ def test_layers_hold_what_their_adapters_target():
     assert ours.peft_config["other"].target_modules == {"k_proj", "v_proj", "down_proj"}
 
 
-def test_switching_equals_peft_logits_grads_counts():
-    ours, theirs = llama_pair()
-    batch = example_inputs("llama")
-    seen = {}
+def _switch_and_compare(ours, theirs, batch, logit_tol: float, grad_tol: float) -> dict:
+    """set_adapter default -> other -> default on both; each time the trainable sets and counts
+    agree, logits within logit_tol and every trained A / B gradient within grad_tol (relative).
+    Returns each adapter's logits (ours) and the worst differences seen."""
+    seen, worst = {}, {"logits": 0.0, "grads": 0.0}
     for name in ["default", "other", "default"]:
         ours.set_adapter(name)
         theirs.set_adapter(name)
@@ -63,7 +67,7 @@ def test_switching_equals_peft_logits_grads_counts():
         ours.zero_grad(set_to_none=True)
         theirs.zero_grad(set_to_none=True)
         out_o, out_t = ours(**batch), theirs(**batch)
-        torch.testing.assert_close(out_o.logits, out_t.logits, rtol=0, atol=0)
+        worst["logits"] = max(worst["logits"], max_rel(out_o.logits, out_t.logits))
         out_o.loss.backward()
         out_t.loss.backward()
         ref = dict(theirs.named_parameters())
@@ -73,9 +77,24 @@ def test_switching_equals_peft_logits_grads_counts():
             q = ref[peft_name(n)]
             assert p.requires_grad == q.requires_grad == (f".adapters.{name}." in n), n
             if p.requires_grad:
-                assert max_rel(p.grad, q.grad) <= GRAD_TOL, n
+                worst["grads"] = max(worst["grads"], (p.grad - q.grad).norm().item() / q.grad.norm().item())
         seen[name] = out_o.logits.detach()
+    assert worst["logits"] <= logit_tol and worst["grads"] <= grad_tol, worst
     assert max_rel(seen["default"], seen["other"]) > 1e-2  # the two adapters really differ
+    return worst
+
+
+def test_switching_equals_peft_logits_grads_counts():
+    ours, theirs = llama_pair()
+    _switch_and_compare(ours, theirs, example_inputs("llama"), logit_tol=0.0, grad_tol=GRAD_TOL)
+
+
+def test_switching_nf4_within_tolerance(tmp_path):
+    path = save_tiny("llama", tmp_path / "llama")
+    ours, theirs = pair(load_tiny(path, "llama", "nf4", torch.bfloat16),
+                        load_tiny(path, "llama", "nf4", torch.bfloat16), TWO)
+    worst = _switch_and_compare(ours, theirs, example_inputs("llama"), logit_tol=NF4_TOL, grad_tol=NF4_GRAD_TOL)
+    print(f"nf4 two adapters: worst logits {worst['logits']:.2e}, worst grad {worst['grads']:.2e}")
 
 
 def test_two_active_adapters_equal_peft():
@@ -164,6 +183,7 @@ def test_mixed_batch_nf4_within_tolerance(tmp_path):
         mixed_t = logits(theirs, batch, adapter_names=names)
         with ours.disable_adapter():
             base = logits(ours, batch)
+    print(f"nf4 mixed batch: {max_rel(mixed_o, mixed_t):.2e}")
     assert max_rel(mixed_o, mixed_t) <= NF4_TOL
     torch.testing.assert_close(mixed_o[1], base[1], rtol=0, atol=0)
 
