@@ -6,7 +6,8 @@ Storage: ONE registry, `adapters: ModuleDict[name -> adapter module]` (`lora_cor
 each method's math), plus `active_adapters` (what the forward applies), `merged_adapters` (what is
 inside the base weight now), `disabled` and the `kernel` backend name. peft's names read as views:
 `layer.lora_A[name]`, `layer.lora_B[name]`, `layer.scaling[name]`, `layer.r[name]`, ... (plain dicts
-built on access; change an adapter through `layer.adapters[name]`).
+built on access; change an adapter through `layer.adapters[name]`). Why one module per adapter
+instead of peft's dict per attribute: see `lora_core.adapters`.
 
 Forward, three cases:
 - exactly one active, unmerged adapter that the fused kernel computes: ONE `kernels.lora_linear`
@@ -16,8 +17,7 @@ Forward, three cases:
   x's first dim): the base once for every row, then each adapter's term on its own rows only
   (rows grouped by adapter: gather x's rows, compute the term, add it to those rows in place, as
   peft's `result[rows] += term`); "__base__" rows get nothing. A batch whose rows all name one
-  adapter takes the first path. Cost against one adapter: 1.03x per forward (peft: 1.06x), measured
-  by benchmarks/mixed_batch.py (see README).
+  adapter takes the first path. What it costs against one adapter: README, benchmarks/mixed_batch.py.
 The last two run the adapter terms in PyTorch whatever the backend (the base still uses it).
 
 bitsandbytes' own forward never runs on a wrapped layer, so its in-place CPU repacking cannot
