@@ -16,6 +16,9 @@ every method peft's PeftModel / LoraModel or transformers' PeftAdapterMixin has 
 or refused here by name (`REFUSED`), never forwarded: the wrapped model's own `load_adapter`,
 `add_adapter`, ... would act on the transformers model behind our back. Keywords peft's forward
 takes (`adapter_names`) are ours, never left to the model's **kwargs.
+
+A mixed batch's per-row names are set on every LoraLinear / ModulesToSave for the duration of the
+call (as peft's forward hooks do), so one model runs one mixed-batch call at a time.
 """
 from __future__ import annotations
 
