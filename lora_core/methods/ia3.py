@@ -140,7 +140,7 @@ class IA3Adapter(nn.Module):
     def fused_args(self):
         return None
 
-    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x * l in l's dtype, rounded back to x's dtype (peft's order)."""
         if not self.is_feedforward:
             return x
