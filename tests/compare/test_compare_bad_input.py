@@ -24,12 +24,12 @@ def test_triton_without_cuda_or_interpreter(monkeypatch, capsys):
 
 def test_bad_rank(capsys):
     assert main(["equivalence", "--r", "0"]) == 2
-    assert "r must be a positive integer" in capsys.readouterr().err
+    assert "--r must be > 0 (got 0)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("grid, expect", [
     (["--grid", "rank=4,8"], "unknown grid key(s) ['rank']; valid TrainConfig fields:"),
-    (["--grid", "quantization=none,nf5"], "valid values: none, nf4, fp4, int8"),
+    (["--grid", "quantization=none,nf5"], "must be one of none, nf4, fp4, int8"),
     (["--grid", "r=4,eight"], "r='eight': expected a value of type int"),
     (["--grid", "output_dir=a,b"], "cannot be swept"),
     (["--grid", "r"], "write KEY=V1,V2"),
