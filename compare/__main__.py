@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a sweep's first run, or during equivalence / speed
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 2
 
 

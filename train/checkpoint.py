@@ -158,7 +158,8 @@ def check_checkpoint(path: Path, cfg: TrainConfig, world: int) -> dict:
     if diffs:
         raise TrainError(f"--resume-from-checkpoint {path}: these settings differ from the checkpoint's "
                          f"run: {'; '.join(diffs)}; resume with its values, or start a new run in another "
-                         f"--output-dir (what may change on resume: train.config.RESUME_MAY_CHANGE)")
+                         f"--output-dir (a resume may change only the run's length, the logging, eval and checkpoint "
+                         f"cadence, eval/generation sizes, outputs and speed flags: train.config.RESUME_MAY_CHANGE)")
     if 0 < cfg.max_steps < state["step"]:
         raise TrainError(f"--max-steps {cfg.max_steps} ends before the checkpoint's step {state['step']}; "
                          f"pass --max-steps >= {state['step']}")

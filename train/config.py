@@ -21,6 +21,7 @@ from .errors import TrainError
 BUILTIN_MODEL = "builtin:tiny-llama"  # the tiny Llama built from train/assets/tiny_llama.json
 BUILTIN_DATASET = "builtin:tagger"  # train/assets/tagger.jsonl (scripts/make_tagger_data.py)
 SEED_MAX = 2**32 - 1  # numpy's seed range (set_seed seeds numpy too)
+FLOAT32_MAX = 3.4028234663852886e38  # torch's fp32 optimizer math raises on a larger learning rate
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Bounds:
 
 
 def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(x)
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, *, gt: float | None = None,
@@ -99,7 +100,7 @@ class TrainConfig:
     per_device_train_batch_size: int = _f(16, "micro-batch size per process", gt=0)
     per_device_eval_batch_size: int = _f(32, "eval batch size per process", gt=0)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", gt=0)
-    learning_rate: float = _f(3e-3, "peak learning rate of AdamW", gt=0)
+    learning_rate: float = _f(3e-3, "peak learning rate of AdamW", gt=0, le=FLOAT32_MAX)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
     warmup_steps: int = _f(50, "linear warm-up steps", ge=0)
     lr_scheduler_type: str = _f("linear", "schedule after warm-up (transformers.get_scheduler)",

@@ -88,6 +88,9 @@ def preflight(cfg: TrainConfig) -> Path | None:
         problem = _triton_problem()
         if problem:
             raise TrainError(f"--kernel triton {problem}; use --kernel auto (triton where it can run) or torch")
+        problem = _triton_precision_problem(cfg)
+        if problem:
+            raise TrainError(problem)
     if cfg.report_to == "tensorboard" and not _tensorboard_installed():
         raise TrainError("--report-to tensorboard needs the tensorboard package; install it or use "
                          "--report-to auto")
@@ -117,6 +120,14 @@ def _triton_problem() -> str | None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return ("needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run Triton's CPU "
                 "interpreter (slow, for tests)")
+    return None
+
+
+def _triton_precision_problem(cfg: TrainConfig) -> str | None:
+    # The base loads in fp32; only autocast hands the kernels the fp16/bf16 activations they take.
+    if cfg.kernel == "triton" and cfg.mixed_precision == "no":
+        return ("--kernel triton takes fp16/bf16 activations, and without autocast they are fp32: add "
+                "--mixed-precision bf16, or use --kernel auto")
     return None
 
 
@@ -260,6 +271,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
         if step > total_steps:
             raise TrainError(f"this run has {total_steps} steps but the checkpoint is at step {step}; "
                              f"raise --max-steps or --num-train-epochs")
+        _follow_schedule(scheduler)
     else:
         before = eval_loss(model, eval_dl, accelerator, seq2seq)
         before["tag_exact_match"] = _tag_score(accelerator, model, tokenizer, prompts[:n_tag], refs[:n_tag],
@@ -389,6 +401,22 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, adapter_dir, merged_dir, before, after, log, samples, step, train_seconds)
+
+
+def _follow_schedule(scheduler) -> None:
+    """After a resume, set the learning rate of the next step from this run's schedule.
+
+    The optimizer state holds the lr the checkpointed run's schedule set; a run extended on resume
+    (--max-steps upward) has a longer schedule (e.g. the linear decay had reached 0 at the old end).
+    transformers' schedules are LambdaLR: lr = base_lr * lambda(step). With an unchanged length this
+    recomputes the very same value, so an ordinary resume stays bit-for-bit."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps it
+    if not hasattr(inner, "lr_lambdas"):
+        return
+    lrs = [base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    inner._last_lr = lrs
 
 
 def _grad_norm(accelerator, model, trainable, max_norm: float, exact: bool) -> float | None:

@@ -111,7 +111,7 @@ def check_target_modules(cfg: TrainConfig) -> None:
     module tree is built on the meta device from its config (no memory, no weights), then lora_core
     matches the targets against it and its message names the layers there are."""
     from accelerate import init_empty_weights
-    from lora_core.inject import find_targets
+    from lora_core.inject import available_linear_names, find_targets
 
     config = model_config(cfg.model)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
@@ -123,9 +123,17 @@ def check_target_modules(cfg: TrainConfig) -> None:
     except Exception:  # an architecture that cannot be built from its config alone: the real load
         return          # checks the targets (get_lora_model raises the same message, as TrainError)
     try:
-        find_targets(skeleton, lcfg)
+        found = find_targets(skeleton, lcfg)
     except ValueError as e:
         raise TrainError(f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0]}") from None
+    if isinstance(lcfg.target_modules, set):
+        # peft only refuses a list when no name matches; a typo in one name would silently leave
+        # those layers out of the adapter.
+        unused = sorted(n for n in lcfg.target_modules if not any(k == n or k.endswith("." + n) for k in found))
+        if unused:
+            raise TrainError(f"--target-modules {cfg.target_modules}: {', '.join(unused)} matched no linear layer "
+                             f"of this {type(skeleton).__name__}; its linear layers (name suffixes): "
+                             f"{available_linear_names(skeleton)}")
 
 
 def bitsandbytes_problem(quantization: str) -> str | None:

@@ -30,8 +30,9 @@ RUN_DIRS = ("adapter", "merged", TRACKER_DIR)
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 PREVIOUS = ".previous-run"
 COMPLETE = ".complete"  # inside PREVIOUS: every entry of the earlier run was moved in
-# Test hook: sleep this many seconds at each phase of a folder replace, after printing the phase to
-# stderr, so a test can SIGKILL a run at a known point of the replace (tests/train/test_train_faults.py).
+# Test hook, "<folder name>:<phase>:<seconds>": when replacing that folder reaches that phase (ready,
+# aside, swapped), print it to stderr and sleep, so a test can SIGKILL the run right there
+# (tests/train/test_train_faults.py).
 PAUSE_ENV = "LORAFUSE_TEST_REPLACE_PAUSE"
 
 
@@ -239,8 +240,9 @@ def _remove(p: Path) -> None:
 
 
 def _pause(final: Path, phase: str) -> None:
-    secs = os.environ.get(PAUSE_ENV)
-    if secs:
+    name, _, rest = os.environ.get(PAUSE_ENV, "").partition(":")
+    at, _, secs = rest.partition(":")
+    if secs and (name, at) == (final.name, phase):
         print(f"[replace] {final.name} {phase}", file=sys.stderr, flush=True)
         time.sleep(float(secs))
 

@@ -60,17 +60,6 @@ def test_cli_bad_input_exits_2_with_one_line_and_keeps_earlier_output(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-7", "log.jsonl"]
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Bad input must fail before the model is loaded."""
-    import train.loop as loop
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(loop, "load_base_model", boom)
-
-
 def _expect(cfg, match):
     from train import TrainError, run
 
