@@ -25,27 +25,21 @@ def _num(p: argparse.ArgumentParser, flag: str, typ, default, help: str, **bound
     from train.config import Bounds
 
     b = Bounds(**bounds)
-    rule = ("finite and " + str(b) if str(b) else "finite") if typ is float else str(b)
     shown = "" if default is None else f"; default: {default}"
-    act = p.add_argument(flag, type=typ, default=default, help=f"{help} (must be {rule}{shown})")
+    act = p.add_argument(flag, type=typ, default=default, help=f"{help} (must be {b.rule(typ is float)}{shown})")
     act.bounds = b
 
 
 def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """CompareError for the first numeric flag of the chosen command outside its declared range."""
-    import math
-
     from .models import CompareError
 
     sub = parser.commands[args.command]
     for act in sub._actions:
         b = getattr(act, "bounds", None)
         value = getattr(args, act.dest, None)
-        if b is None or value is None:
-            continue
-        if (isinstance(value, float) and not math.isfinite(value)) or not b.contains(value):
-            rule = ("finite and " + str(b) if str(b) else "finite") if isinstance(value, float) else str(b)
-            raise CompareError(f"{act.option_strings[0]} must be {rule} (got {value})")
+        if b is not None and value is not None and not b.accepts(value):
+            raise CompareError(f"{act.option_strings[0]} must be {b.rule(act.type is float)} (got {value})")
 
 
 def _model_flags(p: argparse.ArgumentParser, kernel: bool = True) -> None:

@@ -44,9 +44,16 @@ class Bounds:
             return f"{'<' if hi[-1] == ')' else '<='} {hi[:-1]}"
         return ""
 
-    def contains(self, v: float) -> bool:
+    def accepts(self, v: float) -> bool:
+        """Within the bounds (and finite, for a float)."""
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
         return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
                 and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def rule(self, floating: bool) -> str:
+        """What `accepts` means, in words: '> 0', 'finite and in [0, 1)', ..."""
+        return (f"finite and {self}" if str(self) else "finite") if floating else str(self)
 
 
 def _num(x: float) -> str:
@@ -167,12 +174,9 @@ def rule(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("choices"):
         return "one of " + ", ".join(map(str, m["choices"]))
-    bounds = str(m.get("bounds") or "")
-    if _type(f) == "float":
-        return f"finite and {bounds}" if bounds else "finite"
-    if m.get("nonempty"):
-        return "not empty"
-    return bounds
+    if _type(f) in ("int", "float"):
+        return (m.get("bounds") or Bounds()).rule(_type(f) == "float")
+    return "not empty" if m.get("nonempty") else ""
 
 
 def value_problem(f: dataclasses.Field, value: Any) -> str | None:
@@ -191,10 +195,8 @@ def value_problem(f: dataclasses.Field, value: Any) -> str | None:
         return f"must be {'an integer' if t == 'int' else 'a number' if t == 'float' else 'a ' + t}"
     if m.get("choices") and value not in m["choices"]:
         return f"must be {rule(f)}"
-    if t in ("int", "float"):
-        bounds = m.get("bounds") or Bounds()
-        if (t == "float" and not math.isfinite(value)) or not bounds.contains(value):
-            return f"must be {rule(f)}"
+    if t in ("int", "float") and not (m.get("bounds") or Bounds()).accepts(float(value) if t == "float" else value):
+        return f"must be {rule(f)}"
     if m.get("nonempty") and not value.strip():
         return "must not be empty"
     return None

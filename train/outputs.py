@@ -37,7 +37,8 @@ PAUSE_ENV = "LORAFUSE_TEST_REPLACE_PAUSE"
 
 
 def run_entries(out: Path) -> list[Path]:
-    """What an earlier run left in `out` (its files, folders and checkpoints), sorted by name."""
+    """What an earlier run left in `out` (its files, folders and checkpoints): checkpoints by step,
+    then the rest by name."""
     if not out.is_dir():
         return []
     return sorted((p for p in out.iterdir()
@@ -87,6 +88,17 @@ def recover(out: Path, say=None) -> None:
     if not out.is_dir():
         return
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        _recover(out, say)
+    except OSError as e:  # e.g. a read-only folder: nothing is lost, but the run cannot start
+        kept = (f"; the earlier run set aside is still complete in {out / PREVIOUS}"
+                if (out / PREVIOUS).is_dir() else "")
+        raise TrainError(f"--output-dir {out}: cannot resolve what an interrupted run left there "
+                         f"({e.strerror}: {e.filename}){kept}; fix the folder by hand or choose another "
+                         f"--output-dir") from None
+
+
+def _recover(out: Path, say) -> None:
     if (out / PREVIOUS).is_dir():
         restore_previous(out)
         say(f"note: restored the earlier run in {out} that an interrupted --overwrite-output-dir run "

@@ -200,3 +200,22 @@ def test_read_only_old_adapter_is_still_replaced(earlier_run, fast_cfg, capsys):
     finally:
         for p in earlier_run.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_a_recovery_that_cannot_finish_stops_the_run_with_the_earlier_run_safe(earlier_run, fast_cfg,
+                                                                                monkeypatch, unchanged):
+    """If the set-aside run cannot be moved back (here: every rename fails, as in a folder turned
+    read-only), the run stops in one line before any work and .previous-run/ stays complete."""
+    from train import TrainError, outputs, run
+
+    outputs.set_aside(earlier_run)
+    same = unchanged(earlier_run / ".previous-run")
+
+    def refused(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied", str(src))
+
+    monkeypatch.setattr(outputs.os, "rename", refused)
+    with pytest.raises(TrainError, match=r"cannot resolve what an interrupted run left there \(Permission "
+                                         r"denied: .*still complete in .*\.previous-run"):
+        run(fast_cfg())
+    same()
