@@ -4,8 +4,10 @@
     eval before -> per step: accumulate/backward over the micro-batches, clip, step, schedule,
     zero_grad, log, eval, checkpoint -> eval after -> samples -> adapter (+ merged model) -> plot.
 
-`run(cfg)` checks the input first (nothing is loaded or written before the checks pass), then calls
-`train_loop`. Only the main process writes files; every process calls save_state (RNG states).
+`run(cfg)` checks the input first (`preflight`: nothing is loaded or written before the checks
+pass), then calls `train_loop`. Only the main process writes files; every process calls save_state
+(RNG states). A step whose loss, gradient norm or updated weights are non-finite stops the run
+before anything of it is written; every folder is built aside and swapped in (train/outputs.py).
 """
 from __future__ import annotations
 
