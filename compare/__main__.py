@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
     from .analyze import add_analyze_parser
-    add_analyze_parser(sub)
+    an = add_analyze_parser(sub)
 
     eq = sub.add_parser("equivalence", help="row-by-row numerical comparison with peft; exit 1 on any FAIL")
     _model_flags(eq)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default="sweep_out",
                     help="directory for results.csv/json and plot; earlier results there are merged, not "
                          "replaced (default: sweep_out)")
-    parser.commands = {"equivalence": eq, "speed": sp, "sweep": sw}
+    parser.commands = {"equivalence": eq, "speed": sp, "sweep": sw, "analyze": an}
     return parser
 
 
