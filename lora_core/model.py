@@ -110,6 +110,8 @@ class LoraModel(nn.Module):
         inject_lora(self.base_model, config, name, lora_dtype=self._lora_dtype, kernel=self._kernel,
                     targets=targets, active=self._active, copy_from=copy_from)
         config.target_modules = resolved
+        if hasattr(config, "targets_resolved"):  # a method whose other fields follow (IA3's feed-forward)
+            config.targets_resolved(targets)
         self._record(name, config)
 
     def _record(self, name: str, config) -> None:
@@ -183,14 +185,21 @@ class LoraModel(nn.Module):
         """AdaLoRA: the loss gets peft's orthogonality term (see lora_core.methods.adalora) in
         training mode. Unlike peft, not in eval mode: an eval loss stays the task loss, comparable
         with other methods' (peft adds it to every loss it returns)."""
-        config = self.peft_config.get(self._active[0]) if len(self._active) == 1 else None
         loss = getattr(outputs, "loss", None)
-        if (not self.training or not isinstance(config, adalora.AdaLoraConfig) or config.inference_mode
-                or not isinstance(loss, torch.Tensor)):
-            return outputs
-        layers = adalora.adalora_layers(self, self._active[0])
-        outputs.loss = loss + config.orth_reg_weight * adalora.orth_regulariser(layers)
+        reg = self.training_regulariser() if isinstance(loss, torch.Tensor) else None
+        if reg is not None:
+            outputs.loss = loss + reg
         return outputs
+
+    def training_regulariser(self) -> Optional[torch.Tensor]:
+        """What the method adds to the training loss (AdaLoRA's orth_reg_weight * orthogonality term,
+        in training mode with a trainable AdaLoRA adapter active), else None. A loop that computes
+        its own loss from the logits adds this itself."""
+        config = self.peft_config.get(self._active[0]) if len(self._active) == 1 else None
+        if not self.training or not isinstance(config, adalora.AdaLoraConfig) or config.inference_mode:
+            return None
+        layers = adalora.adalora_layers(self, self._active[0])
+        return config.orth_reg_weight * adalora.orth_regulariser(layers)
 
     def update_and_allocate(self, global_step: int) -> None:
         """AdaLoRA: update the importance scores and prune ranks per the budget schedule (peft's

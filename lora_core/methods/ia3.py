@@ -85,7 +85,10 @@ class IA3Config(MethodConfig):
             raise ValueError(f"peft_type={self.peft_type!r}: IA3Config is peft_type 'IA3'")
         self._check_common()
         ff, tm = self.feedforward_modules, self.target_modules
-        if isinstance(ff, set) and isinstance(tm, set) and not ff <= tm:
+        # peft compares the two sets literally, so it refuses its own file for target_modules="all-linear"
+        # (saved as full paths, feedforward_modules as names); here a name counts when it names a target
+        if isinstance(ff, set) and isinstance(tm, set) and not all(
+                any(t == f or t.endswith("." + f) for t in tm) for f in ff):
             raise ValueError(f"feedforward_modules={sorted(ff)} must be a subset of target_modules={sorted(tm)} "
                              f"(as in peft).")
         if not isinstance(self.init_ia3_weights, bool):
@@ -100,6 +103,13 @@ class IA3Config(MethodConfig):
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             self.feedforward_modules = set(_defaults(DEFAULT_FEEDFORWARD_MODULES, model_type,
                                                      "feedforward_modules"))
+
+    def targets_resolved(self, paths: list[str]) -> None:
+        """After target_modules became the adapted paths ("all-linear"): feedforward_modules as the
+        feed-forward ones among them, so that peft's literal subset check accepts the saved file."""
+        ff, tm = self.feedforward_modules, self.target_modules
+        if isinstance(ff, set) and isinstance(tm, set) and not ff <= tm:
+            self.feedforward_modules = {p for p in paths if self.is_feedforward(p)}
 
     def is_feedforward(self, path: str) -> bool:
         """peft's rule: a regex must match the whole path; a name list matches by suffix."""

@@ -243,3 +243,19 @@ def test_method_checks_and_refusals():
     assert prompt.get_prompt(3).shape == (3, 4, 64)
     with pytest.raises(ValueError, match="not a prompt-tuning adapter"):
         ia3.get_prompt(1)
+
+
+def test_ia3_all_linear_files_load_both_ways(tmp_path):
+    """peft 0.21 cannot reload its own IA3 file for target_modules='all-linear' (targets saved as paths,
+    feedforward_modules as names, compared literally). Ours reads it; ours writes the feed-forward
+    targets as paths, which peft reads."""
+    theirs = peft.get_peft_model(build("llama"), peft.IA3Config(target_modules="all-linear", init_ia3_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match="should be a subset"):
+        peft.PeftModel.from_pretrained(build("llama"), tmp_path / "peft")
+    batch = inputs("llama", labels=False)
+    ours = lora_core.LoraModel.from_pretrained(build("llama"), tmp_path / "peft")
+    assert torch.equal(ours(**batch).logits, theirs(**batch).logits)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours")
+    assert torch.equal(back(**batch).logits, theirs(**batch).logits)
