@@ -22,6 +22,13 @@ no adapter name in any key):
                                                      modules_to_save module X)
     base_model.model.X.<name>                        modules_to_save X: the adapter's trained copy
 
+The other methods (lora_core.methods) keep the same rule, "P.<tensor>" on disk for the tensor
+"P.adapters.<adapter>.<tensor>" in memory, with peft's tensor names: IA3 `P.ia3_l`; AdaLoRA
+`P.lora_A`, `P.lora_B`, `P.lora_E` (only the kept triplets once `rank_pattern` is in the config);
+adaption prompts `<attention path>.adaption_prompt`, `.adaption_gate`; astraios bottleneck
+adapters `P.adapter_down.weight`, `P.adapter_up.weight` (`.adapter_scaling`). Prompt tuning saves
+one tensor, `prompt_embeddings`, without the prefix. The json's `peft_type` picks the config class.
+
 In memory the same tensors are `P.adapters.<adapter>.lora_A.weight` and
 `X.modules_to_save.<adapter>.<name>`. Loading checks every key, shape and value (finite) against
 the model *before* anything is injected, so an adapter that does not fit raises ValueError (naming

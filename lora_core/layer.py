@@ -18,7 +18,10 @@ Forward, three cases:
   (rows grouped by adapter: gather x's rows, compute the term, add it to those rows in place, as
   peft's `result[rows] += term`); "__base__" rows get nothing. A batch whose rows all name one
   adapter takes the first path. What it costs against one adapter: README, benchmarks/mixed_batch.py.
-The last two run the adapter terms in PyTorch whatever the backend (the base still uses it).
+The last two run the adapter terms in PyTorch whatever the backend (the base still uses it), and so
+does one adapter of a method the fused kernel cannot compute (IA3's scale, a bottleneck adapter's
+activation: `adapter.kernel_reason`), which backend "triton" refuses with that reason. Input-side
+methods (IA3 on a feed-forward layer, a serial bottleneck adapter) transform x before the base.
 
 bitsandbytes' own forward never runs on a wrapped layer, so its in-place CPU repacking cannot
 corrupt the storage we read. Merging is explicit (`merge()` / `unmerge()`), per adapter set,

@@ -5,6 +5,11 @@
     model.set_adapter("other")                                    # what the forward applies and trains
     model(**batch, adapter_names=["default", "other", "__base__"])  # a mixed batch (eval mode)
 
+The same entry points take the other PEFT methods' configs (lora_core.methods): IA3, AdaLoRA and
+astraios bottleneck adapters live on LoraLinear layers like LoRA; adaption prompts in wrapped
+attention modules; prompt tuning's prompts in `prompt_encoder` here (forward and generate prepend
+them). One model holds adapters of one method (peft's rule).
+
 `peft_config` maps each adapter name to its LoraConfig (peft's attribute); `active_adapter(s)`
 names what the forward applies. Adapters may differ in r, alpha, targets and options: a module
 targeted only by one adapter holds only that one (see `lora_core.layer`).
@@ -344,12 +349,20 @@ class LoraModel(nn.Module):
     def get_layer_status(self):
         """peft's TunerLayerStatus per adapter layer (which adapters it holds, active, merged)."""
         from . import status
+        self._refuse_status()
         return status.layer_status(self)
 
     def get_model_status(self):
         """peft's TunerModelStatus for the whole model."""
         from . import status
+        self._refuse_status()
         return status.model_status(self)
+
+    def _refuse_status(self) -> None:
+        prompt = sorted({c.peft_type for c in self.peft_config.values() if is_prompt_method(c)})
+        if prompt:
+            raise TypeError(f"layer / model status describe adapter layers; {prompt} adapters have none "
+                            f"(peft refuses them too)")
 
     # ---- adapters --------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:

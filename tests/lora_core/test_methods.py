@@ -259,3 +259,36 @@ def test_ia3_all_linear_files_load_both_ways(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours")
     assert torch.equal(back(**batch).logits, theirs(**batch).logits)
+
+
+def test_status_of_layer_methods_equals_peft_and_prompt_methods_are_refused():
+    for method in ("ia3", "adalora"):
+        ours, theirs = pair(method, "llama")
+        mine, ref = ours.get_model_status(), theirs.get_model_status()
+        assert (mine.num_adapter_layers, mine.trainable_params, mine.total_params) == \
+            (ref.num_adapter_layers, ref.trainable_params, ref.total_params)
+    ours, _ = pair("prompt_tuning", "llama")
+    with pytest.raises(TypeError, match="have none"):
+        ours.get_model_status()
+
+
+def test_adalora_eval_loss_is_the_task_loss():
+    """peft adds the orthogonality term to every loss it returns, eval included; ours adds it in
+    training mode only, so an eval loss compares across methods."""
+    ours, theirs = pair("adalora", "llama")
+    ours.eval(), theirs.eval()
+    batch = inputs("llama")
+    task = torch.nn.functional.cross_entropy(ours(**batch).logits[:, :-1].reshape(-1, 128),
+                                             batch["labels"][:, 1:].reshape(-1))
+    assert torch.allclose(ours(**batch).loss, task) and theirs(**batch).loss > task + 1.0
+
+
+def test_ia3_merges_into_a_4bit_base_within_its_requantization(tmp_path):
+    """peft does not merge IA3 into bitsandbytes layers; ours re-quantizes W * l (lossy, reported)."""
+    save_tiny("llama", tmp_path)
+    ours = lora_core.get_lora_model(load_tiny(tmp_path, "llama", "nf4"), configs("ia3", "llama")[1])
+    batch = inputs("llama", labels=False)
+    before = ours(**batch).logits
+    errors = ours.merge_adapter()
+    assert errors and max(errors.values()) > 0  # the re-quantization error, per layer
+    assert max_rel(ours(**batch).logits, before) < 0.1  # nf4 steps of W * l, not a wrong scale
