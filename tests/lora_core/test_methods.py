@@ -292,3 +292,20 @@ def test_ia3_merges_into_a_4bit_base_within_its_requantization(tmp_path):
     errors = ours.merge_adapter()
     assert errors and max(errors.values()) > 0  # the re-quantization error, per layer
     assert max_rel(ours(**batch).logits, before) < 0.1  # nf4 steps of W * l, not a wrong scale
+
+
+def test_mixed_batch_of_two_ia3_adapters_equals_each_alone():
+    """peft has no mixed batch for IA3; ours runs each row through its own adapter (the input-side
+    scale of down_proj included) and "__base__" rows through the base."""
+    ours, _ = pair("ia3", "llama")
+    torch.manual_seed(3)
+    ours.add_adapter("other", lora_core.IA3Config(init_ia3_weights=False))
+    ours.eval()
+    ids = inputs("llama", labels=False)["input_ids"]
+    ids = torch.cat([ids, ids[:1]])  # 3 rows
+    mixed = ours(input_ids=ids, adapter_names=["other", "default", "__base__"]).logits
+    for row, name in enumerate(["other", "default"]):
+        ours.set_adapter(name)
+        assert torch.equal(mixed[row], ours(input_ids=ids[row:row + 1]).logits[0])
+    with ours.disable_adapter():
+        assert torch.equal(mixed[2], ours(input_ids=ids[2:3]).logits[0])
