@@ -321,9 +321,9 @@ class LoraModel(nn.Module):
         return getattr(self.base_model, "dtype", None)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """Every adapter here is a plain LoRA adapter already."""
+        """True for a LoRA adapter (it is one already); the other methods have no LoRA form here."""
         self._check_known([adapter_name])
-        return True
+        return self.peft_config[adapter_name].peft_type == "LORA"
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) counted as peft 0.21 counts: each shared parameter once, and a bnb 4-bit

@@ -191,8 +191,12 @@ class AdaLoraAdapter(nn.Module):
 # ---- training: the regulariser and the rank allocation -------------------------------------------
 def adalora_layers(model, adapter_name: str) -> list[tuple[str, AdaLoraAdapter]]:
     """(module path, adapter) of every layer holding AdaLoRA adapter `adapter_name`, in module order."""
-    return [(p, layer.adapters[adapter_name]) for p, layer in model.lora_layers().items()
-            if isinstance(layer.adapters[adapter_name] if adapter_name in layer.adapters else None, AdaLoraAdapter)]
+    out = []
+    for path, layer in model.lora_layers().items():
+        adapter = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
+        if isinstance(adapter, AdaLoraAdapter):
+            out.append((path, adapter))
+    return out
 
 
 def orth_regulariser(layers: list[tuple[str, AdaLoraAdapter]]) -> torch.Tensor:

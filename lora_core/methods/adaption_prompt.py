@@ -107,6 +107,8 @@ class AdaptedAttention(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:  # model code may read e.g. .layer_idx or .config of its attention
+            if name == "base_layer":  # not registered (a copy being built): no recursion
+                raise
             return getattr(self.base_layer, name)
 
     def forward(self, *args, **kwargs):

@@ -7,7 +7,6 @@ import peft
 import pytest
 import torch
 
-from conftest import QUIET
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -16,11 +15,11 @@ from conftest import QUIET
     ("adaption-prompt", dict(adapter_len=4, adapter_layers=1)),
     ("prompt-tuning", dict(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="tags: ")),
 ])
-def test_each_method_trains_and_its_adapter_loads_in_peft(base_cfg, tiny_dir, method, extra):
+def test_each_method_trains_and_its_adapter_loads_in_peft(fast_cfg, tiny_dir, method, extra):
     from train import run
     from train.models import load_base_model
 
-    res = run(base_cfg(method=method, max_steps=4, **QUIET, **extra))
+    res = run(fast_cfg(method=method, max_steps=4, **extra))
     assert res.after["eval_loss"] < res.before["eval_loss"]  # it learned something in 4 steps
     saved = json.loads((res.adapter_dir / "adapter_config.json").read_text())
     assert saved["peft_type"] == {"ia3": "IA3", "adalora": "ADALORA", "adaption-prompt": "ADAPTION_PROMPT",
@@ -37,15 +36,14 @@ def test_each_method_trains_and_its_adapter_loads_in_peft(base_cfg, tiny_dir, me
     assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-6)
 
 
-def test_adalora_loss_in_the_loop_includes_peft_regulariser(base_cfg, monkeypatch):
+def test_adalora_loss_in_the_loop_includes_peft_regulariser(fast_cfg, tmp_path):
     """The loop computes its own token loss; for AdaLoRA it adds training_regulariser() (peft adds the
     same term to model(...).loss): with orth_reg_weight 0 the run differs."""
     from train import run
 
-    a = run(base_cfg(method="adalora", init_r=4, target_r=2, max_steps=3, output_dir=str(base_cfg().output_dir)
-                     + "-a", **QUIET))
-    b = run(base_cfg(method="adalora", init_r=4, target_r=2, max_steps=3, orth_reg_weight=0.0,
-                     output_dir=str(base_cfg().output_dir) + "-b", **QUIET))
+    a = run(fast_cfg(method="adalora", init_r=4, target_r=2, max_steps=3, output_dir=str(tmp_path / "a")))
+    b = run(fast_cfg(method="adalora", init_r=4, target_r=2, max_steps=3, orth_reg_weight=0.0,
+                     output_dir=str(tmp_path / "b")))
     la = [r["loss"] for r in a.log if "loss" in r]
     lb = [r["loss"] for r in b.log if "loss" in r]
     assert la[0] == lb[0] and la[1:] != lb[1:]  # same first task loss; the gradients then differ
