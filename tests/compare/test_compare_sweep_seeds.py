@@ -151,9 +151,23 @@ def test_every_run_is_analysed_against_its_reference_run(tmp_path, monkeypatch):
     # Against a fixed folder, in a rerun that trains nothing: the run compared with itself has
     # phi(i, i) = 1, and the analysis against the first reference is still in its folder.
     calls = _count_runs(monkeypatch)
-    again = compare.sweep(BASE, {"r": [2]}, out_dir=out, seeds=2, analyze_against=other)
+    again = compare.sweep(BASE, {"r": [2]}, out_dir=out, seeds=2, analyze_against=other,
+                          analyze_subspace="delta_right")
     assert calls == [] and again[1]["phi_diag"] == pytest.approx(1.0)
-    assert again[0]["analysis_against"] == str(other) and again[0]["phi_11"] == pytest.approx(rows[1]["phi_11"])
+    folder = next(p for p in (other / "analysis").iterdir() if p.name.startswith(other.name))
+    assert json.loads((folder / "analysis.json").read_text())["subspace"] == "delta_right"
+    assert again[0]["analysis_against"] == str(other) and again[0]["phi_11"] is not None
     assert (other / "analysis" / ref.name / "analysis.json").is_file()
     # A later sweep without analysis keeps the columns of the runs it reuses.
     assert compare.sweep(BASE, {"r": [2]}, out_dir=out, seeds=2)[1]["phi_diag"] == again[1]["phi_diag"]
+
+
+def test_a_run_that_cannot_be_analysed_gets_its_error_in_the_analysis_columns(tmp_path, fake_train):
+    """References as a dict of grid values; the fake runs leave an adapter config without weights."""
+    fake_train(lambda cfg: fake_result())
+    rows = compare.sweep(None, {"r": [4, 8]}, out_dir=tmp_path / "sw", analyze_against={"r": 8})
+    assert [r["error"] for r in rows] == ["", ""]  # the runs themselves finished
+    assert rows[0]["analysis_against"] == str(Path(rows[1]["output_dir"]) / "adapter")
+    assert all("adapter" in r["analysis_error"] and r["phi_diag"] is None for r in rows)
+    with pytest.raises(compare.CompareError, match="unknown analysis subspace 'U'"):
+        compare.sweep(None, {"r": [4]}, out_dir=tmp_path / "sw", analyze_against={"r": 4}, analyze_subspace="U")
