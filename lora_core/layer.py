@@ -86,15 +86,13 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x [..., K] -> y [..., N]
         active = not (self.disabled or self.merged)
-        seed = None
-        if active and self.training and self.dropout_p > 0:
-            # Drawn from torch's default generator: torch.manual_seed reproduces a run, and activation
-            # checkpointing restores the RNG state before recomputing, so the recompute sees this seed.
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        # seed=None: the backend draws the dropout mask from torch's generator (the torch backend
+        # exactly as peft's nn.Dropout does), so torch.manual_seed reproduces a run and activation
+        # checkpointing, which restores the RNG state before recomputing, redraws the same mask.
         return kernels.lora_linear(
             x, self._base_record(), quant.base_bias(self.base_layer),
             self.lora_A.weight if active else None, self.lora_B.weight if active else None,
-            self.scaling, self.dropout_p, self.training, backend=self.kernel, seed=seed)
+            self.scaling, self.dropout_p, self.training, backend=self.kernel)
 
     def _base_record(self):
         """The `kernels` record of the base weight, rebuilt only when the base storage changed.
