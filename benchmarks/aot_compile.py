@@ -127,7 +127,10 @@ def main(argv: list[str]) -> int:
         for r in args.r:
             R = configs.rank_block(r)
             for label, launched in launches(fmt, r, args.kernel):
-                kept = launched.kept()
+                try:
+                    kept = launched.kept()
+                except RuntimeError:  # the pruner found nothing that fits (the backend refuses the call)
+                    kept = []
                 for cfg in launched.configs()[: 2 if args.quick else None]:
                     total += 1
                     t = time.time()

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .call import SEED_END
 from .formats import DenseWeight, Int8Weight, Quant4bitWeight, check_weight
 from .formats.int8 import INT8_INV_127
 
@@ -91,7 +92,7 @@ def philox_randint(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torc
     multiplication wraps modulo 2**64, so the wrapped product still has the exact low 64 bits:
     hi = (prod >> 32) & 0xFFFFFFFF, lo = prod & 0xFFFFFFFF.
     """
-    if not 0 <= seed < 2**63:
+    if not 0 <= seed < SEED_END:
         raise ValueError(f"dropout seed must be an int in [0, 2**63), got {seed}")
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     c0, c1 = offsets & _M32, offsets >> 32

@@ -111,7 +111,16 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], weight) -> torch.Tensor:
         ctx.weight, ctx.x_dtype = weight, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, dequantize(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+        w = dequantize(weight, x.dtype)  # [N, K]
+        # F.linear's own ops, written into a fresh [..., N] tensor: F.linear on a 3-D x returns a view
+        # of its [M, N] product, and the LoRA branch adds into this output in place
+        y = x.new_empty(*x.shape[:-1], w.shape[0])
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, w.shape[0])
+        if bias is None:
+            torch.mm(x2, w.t(), out=y2)
+        else:
+            torch.addmm(bias.to(x.dtype), x2, w.t(), out=y2)
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -162,6 +171,74 @@ def _exact_scale(s: float) -> bool:
     return abs(math.frexp(s)[0]) == 0.5
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, like: torch.Tensor) -> torch.Tensor:
+    """fl(a @ b) * s [m, n] for 2-D a, b: the scale in the BLAS alpha when it is a power of two (the
+    same bits, no extra pass; `like` is any tensor of the result's shape and dtype, never read
+    with beta=0), else an in-place scale of the product."""
+    if _exact_scale(s) and like.dtype == a.dtype:
+        return torch.addmm(like, a, b, beta=0, alpha=s)
+    return a.mm(b).mul_(s)
+
+
+def add_lora(y: torch.Tensor, xl: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """(y + scaling * (xl @ A^T) @ B^T, u = xl @ A^T): peft's `result + lora_B(lora_A(x)) * scaling`
+    bit for bit, summed in the promoted dtype and rounded once to y.dtype; in place on y when the
+    dtypes agree and y is not a view. y [..., N]; xl [..., K] the LoRA input (dropout applied) in the LoRA dtype."""
+    u = F.linear(xl, A)  # [..., r]
+    u2 = u.reshape(-1, u.shape[-1])  # [M, r]
+    y2 = y.view(-1, y.shape[-1])  # [M, N]
+    lora = _scaled_mm(u2, B.t(), scaling, y2)  # [M, N] LoRA dtype
+    if lora.dtype == y.dtype and not y._is_view():  # (autograd forbids in-place on some views)
+        return y.add_(lora.view(y.shape)), u
+    return (y + lora.view(y.shape)).to(y.dtype), u
+
+
+class LoraBranchFunction(torch.autograd.Function):
+    """out [..., N] = y + scaling * (xl @ A^T) @ B^T for the base output y, one autograd node.
+
+    The same bits as peft's nodes for that expression (linear, linear, mul, add), with fewer [M, N]
+    passes: a power-of-two scaling rides in the BLAS alpha (forward: of the up-projection;
+    backward: of v = g @ B and dB = g^T @ u) instead of scaling g. Saves xl and u [M, r] (peft's
+    graph saves xl too). Its gradient for y passes g on to the base layer's node, which is recorded
+    before this one, so autograd delivers this layer's input-gradient terms in peft's order.
+    """
+
+    @staticmethod
+    def forward(ctx, y, xl, A, B, scaling: float):
+        out, u = add_lora(y, xl, A, B, scaling)
+        if out is y:
+            ctx.mark_dirty(y)
+        ctx.save_for_backward(xl, u, A, B)
+        ctx.scaling, ctx.y_dtype = scaling, y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if autocast_dtype(g.device.type) is None:
+            return LoraBranchFunction._backward(ctx, g)
+        with torch.autocast(g.device.type, enabled=False):
+            return LoraBranchFunction._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: torch.Tensor):
+        xl, u, A, B = ctx.saved_tensors
+        needs_dy, needs_dxl, needs_dA, needs_dB = ctx.needs_input_grad[:4]
+        s = ctx.scaling
+        g2 = g.reshape(-1, g.shape[-1])  # [M, N]
+        gl = g2 if g2.dtype == A.dtype else g2.to(A.dtype)
+        u2, x2 = u.reshape(-1, u.shape[-1]), xl.reshape(-1, xl.shape[-1])  # [M, r], [M, K]
+        if _exact_scale(s):
+            v = _scaled_mm(gl, B, s, u2)  # [M, r] = (g @ B) * s
+            dB = _scaled_mm(gl.t(), u2, s, B) if needs_dB else None  # [N, r] = (g^T @ u) * s
+        else:  # peft's order (g * s first): scaling after the product would round differently
+            gs = gl * s
+            v, dB = gs.mm(B), (gs.t().mm(u2) if needs_dB else None)
+        dA = v.t().mm(x2) if needs_dA else None  # [r, K]
+        dxl = v.mm(A).view(xl.shape) if needs_dxl else None  # [..., K]
+        dy = g if not needs_dy or g.dtype == ctx.y_dtype else g.to(ctx.y_dtype)
+        return dy, dxl, dA, dB, None
+
+
 def lora_forward(call) -> torch.Tensor:
     """y [..., N] for a validated LoraCall: peft's graph (module doc), autograd-tracked when enabled."""
     x, A = call.x, call.A
@@ -172,13 +249,6 @@ def lora_forward(call) -> torch.Tensor:
         xl = dropout_input(x, call.x_pre_amp, A.dtype, call.dropout_p, call.seed)  # [..., K] LoRA dtype
     else:
         xl = x if x.dtype == A.dtype else x.to(A.dtype)
-    u = F.linear(xl, A)  # [..., r]
-    s, B = call.scaling, call.B
     if torch.is_grad_enabled():
-        return (y + F.linear(u, B) * s).to(x.dtype)  # peft: the sum in the promoted dtype, one rounding
-    # no autograd: the same bits with fewer [M, N] passes
-    if _exact_scale(s) and u.dtype == y.dtype:  # s in the BLAS alpha; y only gives the shape (beta=0)
-        lora = torch.addmm(y.view(-1, call.N), u.reshape(-1, u.shape[-1]), B.t(), beta=0, alpha=s).view(y.shape)
-    else:
-        lora = F.linear(u, B).mul_(s)  # [..., N] LoRA dtype
-    return y.add_(lora) if lora.dtype == y.dtype else (y + lora).to(x.dtype)
+        return LoraBranchFunction.apply(y, xl, A, call.B, call.scaling)
+    return add_lora(y, xl, A, call.B, call.scaling)[0]
