@@ -9,14 +9,17 @@ divisibility attribute, unit strides are constexprs. Resource usage is read from
 cuobjdump: registers, spills (Triton's spills show under STACK, not LOCAL) and shared memory.
 
 Fails (exit 1) when a config does not compile, when the compiler's shared memory exceeds the
-bound configs.smem_bytes() promised (the pruner's input), or when a config the pruner keeps does
-not fit the H100. Bad flags: one `error:` line, exit 2, before any compile.
+figure in kernels/triton/smem_sm90.json (the pruner's input: rewrite it with --write-table after
+changing a kernel), or when a config the pruner keeps does not fit the H100. Bad flags: an
+`error:` line, exit 2, before any compile.
 
     .venv/bin/python benchmarks/aot_compile.py [--quick] [--fmt nf4-nested ...] [--r 16 ...] [--kernel forward ...]
+    .venv/bin/python benchmarks/aot_compile.py --write-table --r 16 32 64 128 --kernel forward backward decode
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -25,9 +28,10 @@ import tempfile
 import time
 
 FMTS = ("nf4-nested", "nf4-fp32absmax", "int8", "dense")
-RANKS = (8, 16, 64, 128)
+RANKS = (8, 16, 32, 64, 128)  # padded to R = 16, 16, 32, 64, 128
 KERNELS = ("forward", "backward", "decode", "down")
 K, N, M_TILED, M_DECODE = 4096, 11008, 4096, 8
+TABLE = "smem_sm90.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--r", nargs="+", type=int, choices=RANKS, default=list(RANKS), help="LoRA ranks (default: all)")
     p.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS),
                    help="which kernels (default: all; 'down' = the dropout down-projection)")
+    p.add_argument("--config", nargs="+", type=int, default=None, metavar="I",
+                   help="only the configs at these positions of each kernel's list (default: all)")
+    p.add_argument("--write-table", action="store_true",
+                   help=f"merge the shared memory measured for each config (the max over the formats and "
+                        f"variants compiled, and over what the table held) into kernels/triton/{TABLE}, the "
+                        "pruner's input (ranks 16, 64 and 128 give its entries; see configs.smem_bytes)")
     return p.parse_args(argv)
 
 
@@ -122,6 +132,7 @@ def main(argv: list[str]) -> int:
 
     launch.smem_limit = lambda device=None: configs.H100_SMEM  # the pruner's view: an H100
     kind = {"fwd": "forward", "fwd-u_in": "forward", "bwd": "backward", "bwd-nodx": "backward", "gemv": "decode"}
+    measured: dict = {}  # kernel -> config id -> R -> max bytes over formats and variants
     failures = total = 0
     for fmt in args.fmt:
         for r in args.r:
@@ -129,9 +140,12 @@ def main(argv: list[str]) -> int:
             for label, launched in launches(fmt, r, args.kernel):
                 try:
                     kept = launched.kept()
-                except RuntimeError:  # the pruner found nothing that fits (the backend refuses the call)
-                    kept = []
-                for cfg in launched.configs()[: 2 if args.quick else None]:
+                except (RuntimeError, KeyError, FileNotFoundError):  # nothing fits (the backend refuses
+                    kept = []  # the call), or no table yet (--write-table makes it)
+                cands = launched.configs()
+                if args.config is not None:
+                    cands = [c for i, c in enumerate(cands) if i in args.config]
+                for cfg in cands[: 2 if args.quick else None]:
                     total += 1
                     t = time.time()
                     name = f"{label:9s} {fmt:14s} r={r:<3d} {str(cfg.kwargs):62s} w{cfg.num_warps} s{cfg.num_stages}"
@@ -143,10 +157,16 @@ def main(argv: list[str]) -> int:
                         print(f"FAIL {name}: {type(e).__name__}: {msg[-1] if msg else ''}", flush=True)
                         continue
                     res, smem = resources(compiled.asm["cubin"]), compiled.metadata.shared
-                    bound = configs.smem_bytes(kind[label], cfg, R) if label in kind else None
-                    notes = []
-                    if bound is not None and smem > bound:
-                        notes.append(f"smem {smem} > the pruner's bound {bound}")
+                    notes, bound = [], None
+                    if label in kind:
+                        per_r = measured.setdefault(kind[label], {}).setdefault(configs.config_id(cfg), {})
+                        per_r[str(R)] = max(per_r.get(str(R), 0), smem)
+                        try:
+                            bound = configs.smem_bytes(kind[label], cfg, R)
+                        except (KeyError, FileNotFoundError):
+                            bound = "missing"
+                        if not args.write_table and (bound == "missing" or smem > bound):
+                            notes.append(f"smem {smem} > the pruner's table entry {bound}: rewrite the table")
                     if cfg in kept and smem > configs.H100_SMEM:
                         notes.append(f"kept by the pruner but {smem} B > the H100's {configs.H100_SMEM}")
                     failures += bool(notes)
@@ -155,6 +175,18 @@ def main(argv: list[str]) -> int:
                           f"{'kept' if cfg in kept else 'pruned'} ({time.time() - t:.1f}s)"
                           + ("".join(f"  <- {n}" for n in notes)), flush=True)
     print(f"{total - failures}/{total} compiled for sm_90 within their bounds")
+    if args.write_table:
+        path = configs.SMEM_TABLE
+        table = json.loads(path.read_text()) if path.exists() else {}
+        for kernel, per_cfg in measured.items():
+            for cid, per_r in per_cfg.items():
+                old = table.setdefault(kernel, {}).setdefault(cid, {})
+                for R, b in per_r.items():
+                    old[R] = max(old.get(R, 0), b)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)  # written whole or not at all
+        print(f"wrote {path}")
     return 1 if failures else 0
 
 

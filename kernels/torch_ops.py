@@ -104,7 +104,7 @@ def _bnb_args(weight: Quant4bitWeight):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward (backward: autograd, through peft's graph)
+# Forward and backward
 # ---------------------------------------------------------------------------------------------
 
 def _quantized_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -168,7 +168,7 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, like: torch.Tensor) -
 def add_lora(y: torch.Tensor, xl: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
     """(y + scaling * (xl @ A^T) @ B^T, u = xl @ A^T): peft's `result + lora_B(lora_A(x)) * scaling`
     bit for bit, summed in the promoted dtype and rounded once to y.dtype; in place on y when the
-    dtypes agree and y is not a view. y [..., N]; xl [..., K] the LoRA input (dropout applied) in the LoRA dtype."""
+    dtypes agree and y is not a view. y [..., N]; xl [..., K]: the LoRA input (dropout applied), LoRA dtype."""
     u = F.linear(xl, A)  # [..., r]
     lora = _scaled_mm(_rows(u), B.t(), scaling, _rows(y))  # [M, N] LoRA dtype
     if y.dim() != 2:

@@ -3,16 +3,17 @@
 Each kernel file lists its GPU configs (tile sizes, warps, stages). What autotuning may pick from
 them for a call (`prune`, the autotuner's early_config_prune):
   - under Triton's interpreter one small config (tuning is pure cost there);
-  - on a GPU, the configs whose shared memory (`smem_bytes`, an upper bound checked against the
-    compiler's own figure by benchmarks/aot_compile.py for every config at r in {8, 16, 64, 128})
-    fits the device for this rank, without row tiles far taller than M;
+  - on a GPU, the configs whose shared memory at this rank (`smem_bytes`: the compiler's figures,
+    measured by benchmarks/aot_compile.py) fits the device, without row tiles far taller than M;
   - LORAFUSE_AUTOTUNE=0: only the first of those (GPU test runs: one compile per kernel).
 When none fits, the backend refuses the call (`launch.reason`), so backend="auto" falls back to
 torch with that reason instead of failing inside a launch.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import triton
@@ -52,32 +53,36 @@ def active(gpu_configs: list, interpreter_config: triton.Config = INTERPRETER_GE
     return [interpreter_config] if interpreting() else list(gpu_configs)
 
 
-def smem_bytes(kernel: str, cfg: triton.Config, R: int) -> int:
-    """An upper bound on the shared memory (bytes) of `kernel` ("forward", "backward", "decode") at
-    config `cfg` and padded rank R, for 16-bit activations and any weight format.
+def config_id(cfg: triton.Config) -> str:
+    """"BMxBNxBK-wW-sS" (BM = 16 for the decode GEMV): the key of a config in SMEM_TABLE."""
+    kw = cfg.kwargs
+    return f"{kw.get('BLOCK_M', 16)}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{cfg.num_warps}-s{cfg.num_stages}"
 
-    Operand tiles of the pipelined loop, in 16-bit, `num_stages` deep (Triton buffers each
-    tl.load feeding a tl.dot once per stage, and the dequantized W tile once per stage at most):
-    forward x [BM, BK], W [BN, BK], A^T [BK, R]; backward g [BM, BN], W [BN, BK], B [BN, R] plus the
-    epilogue's fp32 x / A tiles; decode x [16, BK], W [BN, BK]. Plus the fp32 epilogue tiles that
-    go through shared memory for a layout change. The compiler reuses buffers whose lifetimes do not
-    overlap, so the true figure is lower; benchmarks/aot_compile.py checks it never is higher.
-    """
-    kw, S = cfg.kwargs, max(1, cfg.num_stages)
-    BN, BK = kw["BLOCK_N"], kw["BLOCK_K"]
-    BM = kw.get("BLOCK_M", 16)
-    if kernel == "forward":
-        loop = (BM * BK + BN * BK + BK * R) * 2
-        epilogue = (BM * R + R * BN) * 4
-    elif kernel == "backward":
-        loop = (BM * BN + BN * BK + BN * R) * 2
-        epilogue = (BM * BK + R * BK + BM * R + BN * R) * 4
-    elif kernel == "decode":
-        loop = (16 * BK + BN * BK) * 2
-        epilogue = (16 * R + R * BN) * 4
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
-    return S * loop + epilogue
+
+# Bytes of shared memory each GPU config of each kernel uses on sm_90, per padded rank R: the
+# compiler's own figure (kernel.metadata.shared) for a call specialised as the JIT does, the
+# maximum over the weight formats and kernel variants, measured without a GPU by
+# `benchmarks/aot_compile.py --write-table`. Shared memory does not follow a simple formula of the
+# tile sizes (Triton pads, reuses and double-buffers per layout), so the pruner reads the measured
+# figures; the tool fails whenever the compiler disagrees, i.e. when a kernel changed and the table
+# must be rewritten. Other GPU generations compile differently: the figures are sm_90's.
+SMEM_TABLE = Path(__file__).with_name("smem_sm90.json")
+_table: Optional[dict] = None
+
+
+def smem_bytes(kernel: str, cfg: triton.Config, R: int) -> int:
+    """Shared memory (bytes) of `kernel` ("forward", "backward", "decode") at `cfg` and padded rank R:
+    the table's figure for the smallest measured rank >= R (it grows with R: an upper bound)."""
+    global _table
+    if _table is None:
+        _table = json.loads(SMEM_TABLE.read_text())
+    per_r = _table.get(kernel, {}).get(config_id(cfg), {})
+    measured = sorted(int(k) for k in per_r if int(k) >= R)
+    if not measured:
+        raise KeyError(f"{SMEM_TABLE.name} has no {kernel} figure for config {config_id(cfg)} at R >= {R}: "
+                       "measure it with `python benchmarks/aot_compile.py --write-table --r 16 64 128 --kernel "
+                       "forward backward decode`")
+    return per_r[str(measured[0])]
 
 
 def fitting(kernel: str, configs: list, R: int, limit: Optional[int]) -> list:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -61,15 +62,20 @@ def reason(call) -> Optional[str]:
         call.weight.kernel_args()
     except formats.Unsupported as e:
         return str(e)
-    limit = smem_limit(x.device) if x.device.type == "cuda" else None
+    limit = smem_limit(x.device)  # None under the interpreter
     R = configs.rank_block(max(call.r, 1))
-    fwd_kernel, fwd_configs = ("decode", decode.GPU_CONFIGS) if x.shape[0] <= decode.MAX_M else \
-        ("forward", FORWARD_CONFIGS)
-    for kernel, cands in ((fwd_kernel, fwd_configs), ("backward", BACKWARD_CONFIGS)):
-        if not configs.fitting(kernel, cands, R, limit):
+    M = x.numel() // call.K  # rows of x [..., K]
+    for kernel in ("decode" if M <= decode.MAX_M else "forward", "backward"):
+        if not _some_config_fits(kernel, R, limit):
             return (f"no {kernel} config fits in the device's {limit} bytes of shared memory at rank "
                     f"{call.r} (padded to {R})")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _some_config_fits(kernel: str, R: int, limit: Optional[int]) -> bool:
+    cands = {"forward": FORWARD_CONFIGS, "backward": BACKWARD_CONFIGS, "decode": decode.GPU_CONFIGS}[kernel]
+    return bool(configs.fitting(kernel, cands, R, limit))
 
 
 def forward(call, seed: Optional[torch.Tensor]):

@@ -90,28 +90,40 @@ def test_bnb_cpu_repacked_layout_is_refused_by_the_record():
 
 # ---- shared memory -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel,cands", [("forward", forward.GPU_CONFIGS), ("backward", backward.GPU_CONFIGS),
-                                          ("decode", decode.GPU_CONFIGS)])
+KERNELS = [("forward", forward.GPU_CONFIGS), ("backward", backward.GPU_CONFIGS), ("decode", decode.GPU_CONFIGS)]
+
+
+@pytest.mark.parametrize("kernel,cands", KERNELS)
+def test_the_measured_table_covers_every_config_and_rank(kernel, cands):
+    """configs.smem_bytes reads kernels/triton/smem_sm90.json (benchmarks/aot_compile.py
+    --write-table): every config the autotuner may try has a figure at every padded rank."""
+    for R in (16, 32, 64, 128):
+        for c in cands:
+            assert 0 < configs.smem_bytes(kernel, c, R) < 2**21, (kernel, configs.config_id(c), R)
+
+
+@pytest.mark.parametrize("kernel,cands", KERNELS)
 def test_configs_are_pruned_by_shared_memory_for_the_rank(kernel, cands):
-    """At r <= 16 every config fits an H100; at r = 128 the big ones do not (they used to be kept,
-    and LORAFUSE_AUTOTUNE=0 kept the first, too big, one), and some config still fits."""
-    small = configs.fitting(kernel, cands, 16, configs.H100_SMEM)
+    """At r = 128 the big configs do not fit an H100 (they used to be kept, and LORAFUSE_AUTOTUNE=0
+    kept the first, too big, one for the backward), and some config still does."""
     big = configs.fitting(kernel, cands, 128, configs.H100_SMEM)
-    assert small == cands or kernel == "backward"  # backward's 256-wide K tile is the biggest config
-    assert big and (len(big) < len(cands) or kernel == "decode")
-    assert all(configs.smem_bytes(kernel, c, 128) <= configs.H100_SMEM for c in big)
+    assert big and all(configs.smem_bytes(kernel, c, 128) <= configs.H100_SMEM for c in big)
+    if kernel != "decode":
+        assert len(big) < len(cands)
+    if kernel == "backward":
+        assert cands[0] not in big
     assert configs.fitting(kernel, cands, 128, None) == cands  # the interpreter: no limit
 
 
 def test_pruner_keeps_a_fitting_config_with_autotune_off(monkeypatch):
     monkeypatch.setattr(launch, "smem_limit", lambda device=None: configs.H100_SMEM)
-    prune = configs.pruner("forward")
-    everything = prune(forward.GPU_CONFIGS, {"M": 4096}, R=128)
-    assert everything and all(configs.smem_bytes("forward", c, 128) <= configs.H100_SMEM for c in everything)
+    prune = configs.pruner("backward")
+    everything = prune(backward.GPU_CONFIGS, {"M": 4096}, R=128)
+    assert everything == configs.fitting("backward", backward.GPU_CONFIGS, 128, configs.H100_SMEM)
     monkeypatch.setenv("LORAFUSE_AUTOTUNE", "0")
-    (first,) = prune(forward.GPU_CONFIGS, {"M": 4096}, R=128)
-    assert first == everything[0]
-    (short,) = prune(forward.GPU_CONFIGS, {"M": 20}, R=16)  # no 256-row tiles for 20 rows
+    (first,) = prune(backward.GPU_CONFIGS, {"M": 4096}, R=128)
+    assert first == everything[0] and first is not backward.GPU_CONFIGS[0]
+    (short,) = configs.pruner("forward")(forward.GPU_CONFIGS, {"M": 20}, R=16)  # no 256-row tiles for 20 rows
     assert short.kwargs["BLOCK_M"] <= 64
 
 

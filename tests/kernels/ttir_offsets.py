@@ -118,7 +118,7 @@ def main() -> dict:
     }
     out = {"int32_detector": _detector(aot)}
     for launched in fwd + bwd + dec + util:
-        text = aot.ttir(launched, launched.kept()[0])
+        text = aot.ttir(launched, launched.configs()[0])
         out[launched.name] = {ptr: row_offset_widths(text, "%" + ptr, stride)
                               for ptr, stride in checks[launched.name]}
     return out
