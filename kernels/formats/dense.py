@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import FLOAT_DTYPES, FMT_DENSE, INT32_MAX, KernelArgs, Unsupported
+from .common import FLOAT_DTYPES, FMT_DENSE, INT32_MAX, KernelArgs, Unsupported
 
 
 @dataclass(frozen=True)

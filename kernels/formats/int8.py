@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import FMT_INT8, INT32_MAX, KernelArgs, Unsupported
+from .common import FMT_INT8, INT32_MAX, KernelArgs, Unsupported
 
 # bitsandbytes' int8 dequantization multiplies by this fp32 constant (1/127 as bnb writes it) instead
 # of dividing by 127; the two differ in the last bit for some values, and bnb is the ground truth.

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from . import FLOAT_DTYPES, FMT_4BIT, INT32_MAX, KernelArgs, Unsupported
+from .common import FLOAT_DTYPES, FMT_4BIT, INT32_MAX, KernelArgs, Unsupported
 
 _CPU_REPACKED = ("that is bitsandbytes' CPU-repacked layout (quant_state.packing_format_for_cpu, made when "
                  "Linear4bit.forward ran on CPU in eval mode without grad): reload the weight, or never let "
