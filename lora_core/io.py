@@ -108,12 +108,15 @@ def _to_disk_name(key: str, mts) -> str:
 
 
 # ---- save ------------------------------------------------------------------------------------------
-def save_adapter(model: LoraModel, directory: PathLike) -> Path:
+def save_adapter(model: LoraModel, directory: PathLike, is_main_process: bool = True) -> Path:
     """Write `model`'s adapter to `directory` in peft's format; returns the directory.
 
     Files are written into a temporary directory beside the target, then renamed into place; other
     files already in `directory` (a tokenizer, a README) are kept. On any error the previous adapter
     files, if any, are left as they were.
+
+    is_main_process: as peft's; only the main process writes. Under FSDP every process must call
+    this: sharded (DTensor) adapter weights are all-gathered to whole tensors first.
     """
     target = Path(directory)
     if target.exists() and not target.is_dir():
@@ -127,6 +130,8 @@ def save_adapter(model: LoraModel, directory: PathLike) -> Path:
                                              or None)
     config["inference_mode"] = True  # what peft writes: a saved adapter loads frozen unless asked
     tensors = _for_safetensors(adapter_state_dict(model))
+    if not is_main_process:
+        return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target (same filesystem, so the rename is atomic); os.mkdir honours the umask,
@@ -161,10 +166,15 @@ def _umask() -> int:
 
 
 def _for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, no two entries sharing storage (safetensors refuses shared tensors)."""
+    """CPU, whole (FSDP shards gathered), contiguous, no two entries sharing storage (safetensors
+    refuses shared tensors)."""
+    from torch.distributed.tensor import DTensor
+
     seen: set[tuple[int, int]] = set()
     out = {}
     for k, t in sd.items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()  # a collective: every process walks the same keys in the same order
         t = t.detach().to("cpu").contiguous()
         ident = (t.untyped_storage().data_ptr(), t.storage_offset())
         if ident in seen:

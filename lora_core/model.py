@@ -127,10 +127,13 @@ class LoraModel(nn.Module):
         return self.base_model
 
     # ---- PEFT-format files (lora_core.io) --------------------------------------------------------
-    def save_pretrained(self, save_directory) -> None:
-        """Write adapter_config.json + adapter_model.safetensors in peft's format."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True) -> None:
+        """Write adapter_config.json + adapter_model.safetensors in peft's format.
+
+        is_main_process: as peft's; only the main process writes. Under FSDP call it on every process
+        (the sharded adapter weights are gathered first)."""
         from . import io
-        io.save_adapter(self, save_directory)
+        io.save_adapter(self, save_directory, is_main_process=is_main_process)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_dir, is_trainable: bool = False) -> "LoraModel":
