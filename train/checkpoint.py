@@ -4,6 +4,10 @@ Layout of `<output-dir>/checkpoint-<step>/`: Accelerate's optimizer.bin, schedul
 random_states_<rank>.pkl (python/numpy/torch RNG of every process), plus ours:
 adapter_state.safetensors (the trainable parameters only; the frozen base is rebuilt from --model)
 and trainer_state.json (step, epoch, log history, the before-training eval).
+
+Under FSDP the same files hold the same formats: the sharded LoRA weights and optimizer state
+are gathered to whole tensors first (`train.fsdp`), so a checkpoint does not depend on how many
+processes wrote it.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import fsdp
 from .models import TrainError
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
 ADAPTER_STATE = "adapter_state.safetensors"
+OPTIMIZER_STATE = "optimizer.bin"  # Accelerate's name (accelerate.utils.OPTIMIZER_NAME + ".bin")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -61,25 +67,12 @@ def register_hooks(accelerator) -> None:
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
-            trainable = {n: p.detach().cpu().contiguous()
-                         for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-            if accelerator.is_main_process:
-                path = Path(output_dir) / _name(i)
-                save_file(trainable, str(path), metadata={"format": "pt"})
-                os.chmod(path, 0o644)  # safetensors creates 0600; match the files Accelerate writes
+            _save_trainable(accelerator, model, Path(output_dir) / _name(i))
         weights.clear()  # nothing left for Accelerate to save as model weights
 
     def load_hook(models, input_dir):
         for i, model in enumerate(models):
-            state = load_file(str(Path(input_dir) / _name(i)))
-            params = dict(accelerator.unwrap_model(model).named_parameters())
-            missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-            if missing or any(n not in params for n in state):
-                raise TrainError(f"checkpoint {input_dir} does not fit this model "
-                                 f"(missing {missing[:3]}...); resume with the same --model and LoRA flags")
-            with torch.no_grad():
-                for n, t in state.items():
-                    params[n].copy_(t)
+            _load_trainable(accelerator, model, Path(input_dir) / _name(i))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -88,6 +81,50 @@ def register_hooks(accelerator) -> None:
 
 def _name(i: int) -> str:
     return ADAPTER_STATE if i == 0 else ADAPTER_STATE.replace(".safetensors", f"_{i}.safetensors")
+
+
+def _save_trainable(accelerator, model, path: Path) -> None:
+    """Every process calls this (under FSDP the gather is a collective); the main one writes."""
+    trainable = {n: fsdp.full_tensor(p.detach()).cpu().contiguous()
+                 for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    if accelerator.is_main_process:
+        save_file(trainable, str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o644)  # safetensors creates 0600; match the files Accelerate writes
+
+
+def _load_trainable(accelerator, model, path: Path) -> None:
+    state = load_file(str(path))
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing or any(n not in params for n in state):
+        raise TrainError(f"checkpoint {path.parent} does not fit this model "
+                         f"(missing {missing[:3]}...); resume with the same --model and LoRA flags")
+    for n, t in state.items():
+        fsdp.copy_full_into(params[n], t)
+
+
+def _save_state(accelerator, output_dir: Path) -> None:
+    if not fsdp.is_sharded(accelerator):
+        accelerator.save_state(str(output_dir))
+        return
+    # Accelerate's save_state would also write the whole sharded base model: write the same files
+    # as above instead, from gathered tensors.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _save_trainable(accelerator, accelerator._models[0], output_dir / ADAPTER_STATE)
+    optimizer_state = fsdp.full_optimizer_state(accelerator._optimizers[0])
+    if accelerator.is_main_process:
+        torch.save(optimizer_state, output_dir / OPTIMIZER_STATE)
+    fsdp.save_rest(accelerator, output_dir)
+
+
+def _load_state(accelerator, input_dir: Path) -> None:
+    if not fsdp.is_sharded(accelerator):
+        accelerator.load_state(str(input_dir))
+        return
+    _load_trainable(accelerator, accelerator._models[0], input_dir / ADAPTER_STATE)
+    optimizer_state = torch.load(input_dir / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    fsdp.load_full_optimizer_state(accelerator._optimizers[0], optimizer_state)
+    fsdp.load_rest(accelerator, input_dir)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: int) -> Path:
@@ -102,7 +139,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # leftover of an interrupted save
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    _save_state(accelerator, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE).write_text(json.dumps(state))
@@ -128,5 +165,5 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model (trainable part), optimizer, scheduler and RNG states; return trainer_state."""
-    accelerator.load_state(str(path))
+    _load_state(accelerator, path)
     return json.loads((path / STATE).read_text())

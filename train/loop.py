@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import data as D
+from . import fsdp
 from .config import BUILTIN_MODEL, TrainConfig
 from .evaluate import eval_loss, exact_match, generate_completions, plot_losses, token_losses
 from .models import TrainError, bitsandbytes_problem, is_seq2seq, load_base_model, load_tokenizer
@@ -93,6 +94,7 @@ def preflight(cfg: TrainConfig) -> Path | None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainError("--mixed-precision fp16 needs a CUDA GPU (fp16 gradient scaling); "
                          "use bf16 or no on CPU")
+    fsdp.check(cfg)
     if cfg.report_to == "tensorboard" and not _tensorboard_installed():
         raise TrainError("--report-to tensorboard needs the tensorboard package; install it or use "
                          "--report-to auto")
@@ -138,12 +140,16 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     # micro-batches (the sampler trims each epoch), and the loop fetches a window before running it,
     # which would otherwise make Accelerate see "end of data" one window early.
     # step_scheduler_with_optimizer=False: Accelerate would step the schedule once per process.
+    fsdp_plugin = fsdp.build_plugin(cfg)  # None unless --fsdp or an Accelerate config enables FSDP
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
         log_with="tensorboard" if use_tb else None, project_dir=str(out),
         # torchrun on a machine without GPUs: Accelerate picks gloo (MULTI_CPU) only when told cpu.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        fsdp_plugin=fsdp_plugin)
+    fsdp.enable_on_cpu(accelerator, fsdp_plugin)
+    sharded = fsdp.is_sharded(accelerator)
     main = accelerator.is_main_process
     world = accelerator.num_processes
 
@@ -193,7 +199,10 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     # 4. Model: frozen base (maybe quantized) -> kbit preparation -> LoRA layers.
     from lora_core import LoraConfig, get_lora_model, prepare_model_for_kbit_training
 
-    base = load_base_model(cfg.model, cfg.quantization, cfg.seed, accelerator.device)
+    # Under FSDP a quantized base is loaded on the CPU and each process's shards then move to its
+    # device (the whole quantized model need not fit one GPU); unquantized bases load on the CPU anyway.
+    base = load_base_model(cfg.model, cfg.quantization, cfg.seed, "cpu" if sharded else accelerator.device,
+                           cfg.bnb_4bit_quant_storage)
     if cfg.quantization != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
@@ -216,9 +225,14 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     scheduler = transformers.get_scheduler(cfg.lr_scheduler_type, optimizer,
                                            num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
-    # 6. One prepare: DDP wrapping, device placement, per-process data sharding, autocast.
+    # 6. One prepare: DDP wrapping (or FSDP2 sharding), device placement, per-process data sharding,
+    # autocast (FSDP: its mixed-precision policy instead).
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, scheduler)
+    if sharded:
+        fsdp.move_quant_states(model, accelerator.device)
+        if main:
+            print(fsdp.describe(model, world))
     ckpt.register_hooks(accelerator)  # checkpoints hold the LoRA weights, not the frozen base
 
     # 7. Resume, or evaluate the untouched model ("before").
@@ -318,16 +332,16 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     record({"step": step, **after})
     samples = []
     k = min(cfg.num_sample_generations, len(prompts))
-    if main and k:
+    if (main or sharded) and k:  # under FSDP every process takes part in each forward
         gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts[:k],
-                                   cfg.max_new_tokens, seq2seq)
+                                   cfg.max_new_tokens, seq2seq, synced_gpus=sharded)
         samples = [{"prompt": p, "generated": g, "reference": r}
-                   for p, g, r in zip(prompts[:k], gen, refs[:k])]
+                   for p, g, r in zip(prompts[:k], gen, refs[:k])] if main else []
     adapter_dir, merged_dir = out / "adapter", None
     accelerator.wait_for_everyone()
+    # Every process calls it (FSDP gathers the sharded LoRA weights); only the main one writes.
+    accelerator.unwrap_model(model).save_pretrained(adapter_dir, is_main_process=main)
     if main:
-        lora = accelerator.unwrap_model(model)
-        lora.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         plot_losses(log, out / "loss.png")
         if cfg.merge:
@@ -349,14 +363,17 @@ def _check_fits(n: int, global_batch: int, cfg: TrainConfig, world: int, what: s
 
 
 def _tag_score(accelerator, model, tokenizer, prompts, refs, cfg, seq2seq) -> float | None:
-    """Exact match of greedy completions on the first eval prompts (main process; others wait)."""
+    """Exact match of greedy completions on the first eval prompts (main process; others wait, or
+    under FSDP generate the same completions with it: each forward gathers shards from all)."""
     if not prompts:
         return None
     score = torch.zeros((), device=accelerator.device)
-    if accelerator.is_main_process:
+    sharded = fsdp.is_sharded(accelerator)
+    if accelerator.is_main_process or sharded:
         gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts,
-                                   cfg.max_new_tokens, seq2seq)
-        score += exact_match(gen, refs)
+                                   cfg.max_new_tokens, seq2seq, synced_gpus=sharded)
+        if accelerator.is_main_process:
+            score += exact_match(gen, refs)
     return accelerator.reduce(score, reduction="sum").item()  # share the main process's number
 
 
