@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from . import models
-from .models import ModelSpec, Pair, build_pair, example_batch, lora_params, lora_state
+from .models import ModelSpec, Pair, build_pair, example_batch, lora_params, lora_state, lora_weights
 from .report import Row, diff, row_dict, table
 
 
@@ -241,8 +241,7 @@ def check_grads(pair: Pair, batch: dict, tols) -> tuple[Row, Row]:
     fwd = _row("forward logits (train mode)", *diff(outs["ours"], outs["peft"]), tols["exact"])
     items = []
     for path, (mine, theirs) in pair.keymap.items():
-        for name, a, b in (("lora_A", mine.lora_A.weight, theirs.lora_A["default"].weight),
-                           ("lora_B", mine.lora_B.weight, theirs.lora_B["default"].weight)):
+        for name, a, b in zip(("lora_A", "lora_B"), lora_weights(mine), lora_weights(theirs)):
             if a.grad is None or b.grad is None:
                 missing = "ours" if a.grad is None else "peft"
                 items.append((f"{path}.{name} (no grad on {missing})", float("inf"), float("inf")))
@@ -302,35 +301,29 @@ def check_adapter_files(pair: Pair, spec: ModelSpec, batch: dict, tol, tmp: Path
     pair.ours.save_pretrained(str(ours_dir))
     pair.peft.save_pretrained(str(peft_dir))
 
-    def ab_ours(layer):  # our LoraLinear
-        return layer.lora_A.weight, layer.lora_B.weight
-
-    def ab_peft(layer):  # peft's lora.LoraLayer (per-adapter dicts)
-        return layer.lora_A["default"].weight, layer.lora_B["default"].weight
-
     loaded_p = peft.PeftModel.from_pretrained(models.load_base(spec), str(ours_dir))
     no_dropout(loaded_p)
-    row_p = _file_row("our adapter file -> peft", {p: ab_ours(m) for p, (m, _) in pair.keymap.items()},
-                      models.peft_lora_layers(loaded_p), ab_peft, loaded_p, pair.ours, batch, tol)
+    row_p = _file_row("our adapter file -> peft", {p: lora_weights(m) for p, (m, _) in pair.keymap.items()},
+                      models.peft_lora_layers(loaded_p), loaded_p, pair.ours, batch, tol)
 
     loaded_o = lora_core.LoraModel.from_pretrained(models.load_base(spec), str(peft_dir))
     loaded_o.set_kernel(spec.kernel)
     no_dropout(loaded_o)
-    row_o = _file_row("peft adapter file -> ours", {p: ab_peft(t) for p, (_, t) in pair.keymap.items()},
-                      dict(loaded_o.lora_layers()), ab_ours, loaded_o, pair.peft, batch, tol)
+    row_o = _file_row("peft adapter file -> ours", {p: lora_weights(t) for p, (_, t) in pair.keymap.items()},
+                      dict(loaded_o.lora_layers()), loaded_o, pair.peft, batch, tol)
     return row_p, row_o
 
 
-def _file_row(name: str, written: dict, loaded_layers: dict, ab, loaded, writer, batch: dict, tol) -> Row:
+def _file_row(name: str, written: dict, loaded_layers: dict, loaded, writer, batch: dict, tol) -> Row:
     """One round-trip row: the loaded model's logits against the writer's (exact mode), failing
     outright unless every LoRA tensor came back bit for bit. written: {path: (A, B)} of the writer;
-    loaded_layers: {path: layer} of the loaded model, read by `ab(layer) -> (A, B)`."""
+    loaded_layers: {path: layer} of the loaded model."""
     tensors = {}
     for path, (A, B) in written.items():
         if path not in loaded_layers:
             tensors[f"{path} (missing after loading)"] = (torch.ones(1), torch.zeros(1) + float("inf"))
             continue
-        A2, B2 = ab(loaded_layers[path])
+        A2, B2 = lora_weights(loaded_layers[path])
         tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = (A2, A), (B2, B)
     t_diff, t_where = _same_tensors(tensors)
     a, r = diff(logits_of(loaded, batch, "exact"), logits_of(writer, batch, "exact"))
@@ -354,7 +347,7 @@ def check_merge(pair: Pair, batch: dict, tols, quantization: str) -> tuple[Row, 
     exact_merge = {}
     if quantization != "none":
         for path, (_, theirs) in pair.keymap.items():  # M = W + s*B@A in fp32, peft's scaling
-            A, B = theirs.lora_A["default"].weight.float(), theirs.lora_B["default"].weight.float()
+            A, B = (t.float() for t in lora_weights(theirs))
             exact_merge[path] = (dense_weight(theirs.get_base_layer())
                                  + theirs.scaling["default"] * (B @ A)).detach()
     m_ours = pair.ours.merge_and_unload()
@@ -378,6 +371,56 @@ def check_merge(pair: Pair, batch: dict, tols, quantization: str) -> tuple[Row, 
     o_row = _row("merged outputs", *diff(logits_of(m_ours, batch, "exact"), logits_of(m_peft, batch, "exact")),
                  tols["merged_outputs"])
     return w_row, o_row
+
+
+SECOND = "second"  # the name of the second adapter in the multi-adapter rows
+
+
+def add_second_adapter(pair: Pair, spec: ModelSpec, seed: int) -> dict:
+    """A second adapter on both sides, of another rank (2r) and other targets ("all-linear"), with
+    the same seeded non-zero weights; returns its key map (the layers holding it)."""
+    import lora_core
+    import peft
+
+    cfg = dict(r=2 * spec.r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+    torch.manual_seed(seed)
+    pair.ours.add_adapter(SECOND, lora_core.LoraConfig(**cfg))
+    torch.manual_seed(seed)
+    pair.peft.add_adapter(SECOND, peft.LoraConfig(**cfg))
+    keymap = models.make_keymap(pair.ours, pair.peft, adapter=SECOND)
+    models.seed_lora_weights(keymap, seed, adapter=SECOND)
+    return keymap
+
+
+def check_second_adapter(pair: Pair, spec: ModelSpec, batch: dict, tol) -> Row:
+    """set_adapter(second) on both sides: logits (exact mode) of the second adapter alone."""
+    keymap = add_second_adapter(pair, spec, spec.seed + 1)
+    for model in (pair.ours, pair.peft):
+        model.set_adapter(SECOND)
+    a, r = diff(logits_of(pair.ours, batch, "exact"), logits_of(pair.peft, batch, "exact"))
+    return _row(f"second adapter (r={2 * spec.r}, all-linear, {len(keymap)} layers): set_adapter logits",
+                a, r, tol)
+
+
+def check_mixed_batch(pair: Pair, spec: ModelSpec, tol) -> Row:
+    """One inference batch whose rows use "default", the second adapter and "__base__"; fails
+    outright unless our "__base__" row equals our base model's output for that row exactly."""
+    names = ["default", SECOND, "__base__"]
+    batch = example_batch(pair.ours.base_model, ModelSpec(**{**vars(spec), "batch": len(names)}), seed=7)
+    batch = {"input_ids": batch["input_ids"]}
+    outs = {}
+    for side, model in (("ours", pair.ours), ("peft", pair.peft)):
+        model.eval()
+        with torch.no_grad():
+            outs[side] = model(**batch, adapter_names=names).logits.float()
+    with torch.no_grad(), pair.ours.disable_adapter():
+        base = pair.ours(**batch).logits.float()
+    base_diff = (outs["ours"][2] - base[2]).abs().max().item()
+    row = _row(f"mixed batch {names} (inference)", *diff(outs["ours"], outs["peft"]), tol,
+               where=("base row equals the base model" if base_diff == 0 else
+                      f"base row differs from the base model by {base_diff:.3g}"))
+    row.ok = row.ok and base_diff == 0
+    return row
 
 
 def probe_kernel(model, batch: dict, spec: ModelSpec) -> None:
@@ -448,5 +491,13 @@ def run_equivalence(spec: ModelSpec, steps: int = 4, progress: Optional[Callable
     say("merge_and_unload")
     pair = pair_for(trained)
     report.rows += list(check_merge(pair, batch, tols, spec.quantization))
+    del pair
+
+    # 5. a second adapter, then a mixed batch, on a fresh pair (the inference forward comes last:
+    # bitsandbytes may repack peft's 4-bit weights in place on CPU)
+    say("second adapter and mixed batch")
+    pair = pair_for(trained)
+    report.rows.append(check_second_adapter(pair, spec, batch, tols["exact"]))
+    report.rows.append(check_mixed_batch(pair, spec, tols["inference"]))
     report.info["seconds"] = time.perf_counter() - t0
     return report

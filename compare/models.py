@@ -207,10 +207,11 @@ def peft_lora_layers(peft_model) -> dict:
     return {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
 
 
-def make_keymap(ours, peft_model) -> dict:
-    """Match LoRA layers by module path; a mismatch is an error naming the paths on each side."""
-    mine = dict(ours.lora_layers())
-    theirs = peft_lora_layers(peft_model)
+def make_keymap(ours, peft_model, adapter: str = "default") -> dict:
+    """Match the layers holding `adapter` by module path; a mismatch is an error naming the paths
+    on each side."""
+    mine = {p: m for p, m in ours.lora_layers().items() if adapter in m.adapters}
+    theirs = {p: m for p, m in peft_lora_layers(peft_model).items() if adapter in m.lora_A}
     if set(mine) != set(theirs):
         only_ours = sorted(set(mine) - set(theirs))
         only_peft = sorted(set(theirs) - set(mine))
@@ -221,8 +222,13 @@ def make_keymap(ours, peft_model) -> dict:
     return {k: (mine[k], theirs[k]) for k in sorted(mine)}
 
 
+def lora_weights(layer, adapter: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) of one adapter of a LoRA layer: ours and peft's read alike."""
+    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+
+
 @torch.no_grad()
-def seed_lora_weights(keymap: dict, seed: int) -> None:
+def seed_lora_weights(keymap: dict, seed: int, adapter: str = "default") -> None:
     """Give every pair the same A and B from a fixed seed; B is non-zero so the LoRA branch matters.
 
     A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (the scale of nn.Linear's default init);
@@ -230,18 +236,18 @@ def seed_lora_weights(keymap: dict, seed: int) -> None:
     """
     g = torch.Generator().manual_seed(seed)
     for path, (mine, theirs) in keymap.items():
-        a, b = mine.lora_A.weight, mine.lora_B.weight
+        a, b = lora_weights(mine, adapter)
         bound = 1.0 / a.shape[1] ** 0.5
         a_val = (torch.rand(a.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
         b_val = torch.randn(b.shape, generator=g, dtype=torch.float32) * 0.02
-        copy_lora(mine, theirs, a_val, b_val)
+        copy_lora(mine, theirs, a_val, b_val, adapter)
 
 
 @torch.no_grad()
-def copy_lora(mine, theirs, a_val: torch.Tensor, b_val: torch.Tensor) -> None:
-    """Write A [r, in] and B [out, r] into our layer and peft's ("default" adapter)."""
-    pa, pb = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
-    for dst, src in ((mine.lora_A.weight, a_val), (mine.lora_B.weight, b_val), (pa, a_val), (pb, b_val)):
+def copy_lora(mine, theirs, a_val: torch.Tensor, b_val: torch.Tensor, adapter: str = "default") -> None:
+    """Write A [r, in] and B [out, r] into one adapter of our layer and of peft's."""
+    (ma, mb), (pa, pb) = lora_weights(mine, adapter), lora_weights(theirs, adapter)
+    for dst, src in ((ma, a_val), (mb, b_val), (pa, a_val), (pb, b_val)):
         if dst.shape != src.shape:
             raise CompareError(f"LoRA weight shape mismatch: {tuple(dst.shape)} vs {tuple(src.shape)}")
         dst.copy_(src.to(dst.dtype))
@@ -249,8 +255,7 @@ def copy_lora(mine, theirs, a_val: torch.Tensor, b_val: torch.Tensor) -> None:
 
 def lora_state(keymap: dict) -> dict:
     """{path: (A, B)} cloned from our layers: the weights to carry into a fresh pair."""
-    return {p: (m.lora_A.weight.detach().float().clone(), m.lora_B.weight.detach().float().clone())
-            for p, (m, _) in keymap.items()}
+    return {p: tuple(t.detach().float().clone() for t in lora_weights(m)) for p, (m, _) in keymap.items()}
 
 
 def build_pair(spec: ModelSpec, lora_weights: Optional[dict] = None) -> Pair:

@@ -224,8 +224,7 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
 def set_lora_dropout(keymap: dict, p: float) -> None:
     """The same LoRA dropout rate on both sides: ours (LoraLinear) and peft's (lora.LoraLayer)."""
     for mine, theirs in keymap.values():
-        mine.dropout_p = p
-        mine.lora_dropout = torch.nn.Dropout(p)
+        mine.adapters["default"].lora_dropout = torch.nn.Dropout(p)
         theirs.lora_dropout["default"] = torch.nn.Dropout(p)
 
 

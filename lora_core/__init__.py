@@ -1,14 +1,18 @@
-"""lora_core: our LoRA layer, its injection into Hugging Face models, merge, and PEFT-format adapters.
+"""lora_core: our LoRA layer, its injection into Hugging Face models, several named adapters per
+model, merge and adapter combination, and PEFT-format adapter files.
 
     from lora_core import LoraConfig, get_lora_model
     model = get_lora_model(base_model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.print_trainable_parameters()
 """
+from .adapters import LoraAdapter
 from .config import LoraConfig
 from .inject import ModulesToSave, find_targets, inject_lora
 from .layer import LoraLinear
 from .model import LoraModel, get_lora_model
 from .prepare import prepare_model_for_kbit_training
+from .status import TunerLayerStatus, TunerModelStatus
 
-__all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "prepare_model_for_kbit_training",
-           "ModulesToSave", "find_targets", "inject_lora"]
+__all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapter",
+           "prepare_model_for_kbit_training", "ModulesToSave", "find_targets", "inject_lora",
+           "TunerLayerStatus", "TunerModelStatus"]

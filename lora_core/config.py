@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -146,8 +147,13 @@ class LoraConfig:
         for key, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"rank_pattern[{key!r}]={rank!r}: every rank must be a positive integer.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a number. Fix: pass e.g. lora_alpha=16.")
+        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                or not math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a finite number. Fix: pass e.g. "
+                             f"lora_alpha=16.")
+        for key, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise ValueError(f"alpha_pattern[{key!r}]={alpha!r}: every alpha must be a finite number.")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1). "
                              f"Fix: pass e.g. lora_dropout=0.05, or 0.0 for none.")

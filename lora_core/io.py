@@ -5,74 +5,87 @@ An adapter directory holds two files:
     adapter_config.json         LoraConfig.to_dict(): peft's fields only, inference_mode true
     adapter_model.safetensors   metadata {"format": "pt"}; adapter_model.bin is read too
 
-Tensor keys on disk (checked against peft 0.21.2's save_pretrained; P = module path in the HF model):
+Several adapters (peft's layout): the adapter named "default" at the folder root, every other one
+in <folder>/<name>/ with its own two files. `PeftModel.from_pretrained(base, folder)` then
+`load_adapter(folder/<name>, name)` reads it, and so do we.
 
-    base_model.model.P.lora_A.weight     [r, in]     every LoRA layer
+Tensor keys on disk (checked against peft 0.21.2's save_pretrained; P = module path in the HF model;
+no adapter name in any key):
+
+    base_model.model.P.lora_A.weight     [r, in]     every LoRA layer holding the adapter
     base_model.model.P.lora_B.weight     [out, r]
-    base_model.model.P.base_layer.bias   [out]       bias="lora_only": biases of the LoRA layers
+    base_model.model.P.base_layer.bias   [out]       bias="lora_only": biases of those LoRA layers
     base_model.model.<any>.bias                      bias="all": every ".bias" of the model, under
                                                      its module path (P.base_layer.bias for LoRA
                                                      layers; X.original_module.bias and
                                                      X.modules_to_save.bias inside a
                                                      modules_to_save module X)
-    base_model.model.X.<name>                        modules_to_save X: the trained copy's tensors
+    base_model.model.X.<name>                        modules_to_save X: the adapter's trained copy
 
-Loading checks every key and shape against the model *before* anything is injected, so an adapter
-that does not fit raises ValueError (naming the modules, keys and shapes) and leaves the base model
-exactly as it was. Saving writes to a temporary directory beside the target and renames into place,
-so a failure never leaves a half-written adapter over a good one.
+In memory the same tensors are `P.adapters.<adapter>.lora_A.weight` and
+`X.modules_to_save.<adapter>.<name>`. Loading checks every key, shape and value (finite) against
+the model *before* anything is injected, so an adapter that does not fit raises ValueError (naming
+the modules, keys and shapes) and leaves the model exactly as it was. Saving checks everything
+first, writes into a temporary directory beside the target and renames into place, so a failure
+never leaves a half-written adapter over a good one.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import inject, quant
+from . import quant
 from .config import LoraConfig
-from .inject import ModulesToSave, find_targets
-from .model import LoraModel, get_lora_model
+from .inject import ModulesToSave, find_targets, modules_to_save_names, pattern_value
+from .layer import LoraLinear
+from .model import LoraModel, _check_adapter_name, get_lora_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."  # peft's prefix: PeftModel.base_model (LoraModel) .model (HF model)
+DEFAULT = "default"  # the adapter saved at the folder root
 
 PathLike = Union[str, os.PathLike]
 
 
 # ---- state dict ------------------------------------------------------------------------------------
-def adapter_state_dict(model: LoraModel) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's on-disk keys (detached views of the live parameters)."""
-    cfg = model.lora_config
+def adapter_state_dict(model: LoraModel, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
+    """Adapter `adapter_name`'s tensors under peft's on-disk keys (detached views of the live
+    parameters); empty when no layer holds it."""
+    cfg = model.peft_config[adapter_name]
     hf = model.base_model
-    layers = model.lora_layers()
+    layers = {p: m for p, m in model.lora_layers().items() if adapter_name in m.adapters}
     mts = _modules_to_save(hf)
     out: dict[str, torch.Tensor] = {}
     for path, layer in layers.items():
-        out[f"{path}.lora_A.weight"] = layer.lora_A.weight  # [r, in]
-        out[f"{path}.lora_B.weight"] = layer.lora_B.weight  # [out, r]
+        out[f"{path}.lora_A.weight"] = layer.adapters[adapter_name].lora_A.weight  # [r, in]
+        out[f"{path}.lora_B.weight"] = layer.adapters[adapter_name].lora_B.weight  # [out, r]
     if cfg.bias == "all":
         # peft keeps every state-dict key ending in ".bias", wherever it lives.
         for key, t in _tensors(hf):
-            if key == "bias" or key.endswith(".bias"):
-                out[_to_disk_name(key, mts)] = t
+            disk = _to_disk_name(key, mts, adapter_name)
+            if disk is not None and (key == "bias" or key.endswith(".bias")):
+                out[disk] = t
     elif cfg.bias == "lora_only":
         for path, layer in layers.items():
             if getattr(layer.base_layer, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = layer.base_layer.bias
     for path, module in mts.items():
-        for key, t in _tensors(module.trainable_module):
-            out[f"{path}.{key}"] = t
+        if adapter_name in module.modules_to_save:
+            for key, t in _tensors(module.modules_to_save[adapter_name]):
+                out[f"{path}.{key}"] = t
     return {PREFIX + k: v.detach() for k, v in out.items()}
 
 
@@ -93,70 +106,118 @@ def _tensors(root: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield prefix + name, b
 
 
+def _plain_tensors(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Like _tensors, but as if the model had no LoRA: a LoraLinear's base layer and a
+    ModulesToSave's original module appear under the wrapper's own path, adapters not at all."""
+    for name, p in root._parameters.items():
+        if p is not None:
+            yield prefix + name, p
+    for name, b in root._buffers.items():
+        if b is not None and name not in root._non_persistent_buffers_set:
+            yield prefix + name, b
+    for name, child in root.named_children():
+        if isinstance(child, LoraLinear):
+            child = child.base_layer
+        elif isinstance(child, ModulesToSave):
+            child = child.original_module
+        yield from _plain_tensors(child, f"{prefix}{name}.")
+
+
 def _modules_to_save(hf: nn.Module) -> dict[str, ModulesToSave]:
     return {n: m for n, m in hf.named_modules() if isinstance(m, ModulesToSave)}
 
 
-def _to_disk_name(key: str, mts) -> str:
-    """Our `X.trainable_module.k` is peft's `X.modules_to_save.<adapter>.k`, written without the
-    adapter name as `X.modules_to_save.k`."""
+def _to_disk_name(key: str, mts, adapter_name: str) -> Optional[str]:
+    """Our `X.modules_to_save.<adapter>.k` is peft's `X.modules_to_save.k` on disk; another
+    adapter's copy is not part of this adapter (None)."""
     for path in mts:
-        inner = f"{path}.trainable_module."
+        inner = f"{path}.modules_to_save."
         if key.startswith(inner):
-            return f"{path}.modules_to_save.{key[len(inner):]}"
+            owner, _, rest = key[len(inner):].partition(".")
+            return f"{inner}{rest}" if owner == adapter_name else None
     return key
 
 
 # ---- save ------------------------------------------------------------------------------------------
-def save_adapter(model: LoraModel, directory: PathLike, is_main_process: bool = True) -> Path:
-    """Write `model`'s adapter to `directory` in peft's format; returns the directory.
+def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequence[str]] = None) -> Path:
+    """Write `model`'s adapters to `directory` in peft's layout; returns the directory.
 
-    Files are written into a temporary directory beside the target, then renamed into place; other
-    files already in `directory` (a tokenizer, a README) are kept. On any error the previous adapter
-    files, if any, are left as they were.
-
-    is_main_process: as peft's; only the main process writes. Under FSDP every process must call
-    this: sharded (DTensor) adapter weights are all-gathered to whole tensors first.
+    selected: the adapter names to write (default: all). Everything is checked first: the names,
+    that each adapter is on at least one layer, finite tensors, no file in a subfolder's place.
+    Files are written into a temporary directory beside the target, then renamed into place;
+    other files already in `directory` (a tokenizer, a README, other adapters) are kept. On any
+    error the previous adapter files, if any, are left as they were.
     """
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot save the adapter to {str(target)!r}: it is a file. "
                                  f"Fix: pass a directory path.")
-    config = model.lora_config.to_dict()
+    names = list(model.peft_config) if selected is None else list(selected)
+    model._check_known(names)
+    if not names:
+        raise ValueError("selected_adapters is empty: nothing to save")
+    payload = {}  # folder relative to target ("" = root) -> (config dict, tensors)
+    for name in names:
+        tensors = _for_safetensors(adapter_state_dict(model, name))
+        if not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors):
+            raise ValueError(f"adapter {name!r} is on no layer of this model (merge_and_unload() or unload() "
+                             f"removed the LoRA layers): there is nothing to save; {str(target)!r} was not "
+                             f"touched. Fix: save before merging, or save the merged model itself.")
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"adapter {name!r} has non-finite values (NaN/inf) in {bad[:3]}; refusing to save "
+                             f"it, {str(target)!r} was not touched.")
+        sub = "" if name == DEFAULT else name
+        if sub and (target / sub).exists() and not (target / sub).is_dir():
+            raise NotADirectoryError(f"cannot save adapter {name!r} to {str(target / sub)!r}: it is a file")
+        payload[sub] = (_config_for_disk(model, name), tensors)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target (same filesystem, so the renames are atomic); os.mkdir honours the umask,
+    # unlike tempfile.mkdtemp's 0700, so the adapter ends up with the permissions of any new folder.
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        for sub, (config, tensors) in payload.items():
+            _write_adapter(tmp / sub if sub else tmp, config, tensors)
+        if not target.exists():
+            os.rename(tmp, target)  # everything appears at once
+            return target
+        for sub in sorted(payload, key=bool, reverse=True):  # subfolders first, the root adapter last
+            src, dst = (tmp / sub, target / sub) if sub else (tmp, target)
+            if sub and not dst.exists():
+                os.rename(src, dst)
+                continue
+            # Keep the folder's other files: replace ours one by one, each replace atomic. Weights
+            # first, so the config never describes weights that are not there yet.
+            for fname in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(src / fname, dst / fname)
+        return target
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _config_for_disk(model: LoraModel, name: str) -> dict:
+    config = model.peft_config[name].to_dict()
     if not config.get("base_model_name_or_path"):
         hf = model.base_model
         config["base_model_name_or_path"] = (getattr(hf, "name_or_path", None)
                                              or getattr(getattr(hf, "config", None), "_name_or_path", None)
                                              or None)
     config["inference_mode"] = True  # what peft writes: a saved adapter loads frozen unless asked
-    tensors = _for_safetensors(adapter_state_dict(model))
-    if not is_main_process:
-        return target
+    return config
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the target (same filesystem, so the rename is atomic); os.mkdir honours the umask,
-    # unlike tempfile.mkdtemp's 0700, so the adapter ends up with the permissions of any new folder.
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        # safetensors (0.8) creates its file 0600; an adapter is made to be shared and served, so
-        # give it the mode of any new file (0644 under the usual umask).
-        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~_umask())
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-        if not target.exists():
-            os.rename(tmp, target)  # the whole adapter appears at once
-            return target
-        # Keep the directory's other files: replace ours one by one, each replace atomic. Weights
-        # first, so the config never describes weights that are not there yet.
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(tmp / name, target / name)
-        return target
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    # safetensors (0.8) creates its file 0600; an adapter is made to be shared and served, so
+    # give it the mode of any new file (0644 under the usual umask).
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~_umask())
+    with open(folder / CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _umask() -> int:
@@ -166,15 +227,10 @@ def _umask() -> int:
 
 
 def _for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, whole (FSDP shards gathered), contiguous, no two entries sharing storage (safetensors
-    refuses shared tensors)."""
-    from torch.distributed.tensor import DTensor
-
+    """CPU, contiguous, no two entries sharing storage (safetensors refuses shared tensors)."""
     seen: set[tuple[int, int]] = set()
     out = {}
     for k, t in sd.items():
-        if isinstance(t, DTensor):
-            t = t.full_tensor()  # a collective: every process walks the same keys in the same order
         t = t.detach().to("cpu").contiguous()
         ident = (t.untyped_storage().data_ptr(), t.storage_offset())
         if ident in seen:
@@ -197,32 +253,33 @@ def read_config(directory: PathLike) -> LoraConfig:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}). Fix: re-save the adapter.") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of LoraConfig fields "
+                         f"(\"r\", \"lora_alpha\", ...). Fix: re-save the adapter.")
     return LoraConfig.from_dict(raw)
 
 
-def load_adapter(base_model: nn.Module, directory: PathLike, is_trainable: bool = False) -> LoraModel:
+def load_adapter(base_model: nn.Module, directory: PathLike, adapter_name: str = DEFAULT,
+                 is_trainable: bool = False) -> LoraModel:
     """Wrap `base_model` in a LoraModel holding the adapter in `directory` (ours or peft's).
 
     Everything is checked before the model changes: a missing file raises FileNotFoundError, an
-    adapter whose module names or tensor shapes do not fit raises ValueError naming them, and in
-    both cases `base_model` is left untouched. Tensors are cast to the dtype of the parameter they
-    fill (LoRA weights: fp32, as peft). Unless `is_trainable`, every parameter is frozen and the
-    model is put in eval mode (peft's inference mode).
+    adapter whose module names, tensor shapes or values do not fit raises ValueError naming them,
+    and in both cases `base_model` is left untouched. Tensors are cast to the dtype of the
+    parameter they fill (LoRA weights: fp32, as peft). Unless `is_trainable`, every parameter is
+    frozen and the model is put in eval mode (peft's inference mode).
     """
+    _check_adapter_name(adapter_name)
     local = _local_dir(directory, need_weights=True)
     config = read_config(local)
     config.inference_mode = not is_trainable
     state = _read_weights(local)
-    plan = _plan(base_model, config, state, local)  # raises before any change to base_model
+    plan = _plan(base_model, config, state, local, adapter_name)  # raises before any change to base_model
 
-    model = get_lora_model(base_model, config)
-    live = dict(_tensors(model.base_model))
-    with torch.no_grad():
-        for disk_key, model_key in plan.items():
-            dst = live[model_key]
-            dst.copy_(state[disk_key].to(device=dst.device, dtype=dst.dtype))
+    model = get_lora_model(base_model, config, adapter_name=adapter_name)
+    _fill(model, plan, state)
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -230,25 +287,56 @@ def load_adapter(base_model: nn.Module, directory: PathLike, is_trainable: bool 
     return model
 
 
-def _plan(base: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], where: Path) -> dict[str, str]:
-    """{disk key: key in the LoRA-wrapped model} for every tensor in `state`, computed from `base`
-    as it is now (nothing is injected). Raises ValueError listing every key that does not fit."""
+def load_into(model: LoraModel, directory: PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add the adapter in `directory` to `model` as `adapter_name` (not active; peft's load_adapter).
+    Checked as in load_adapter before the model changes; frozen unless is_trainable, and the model
+    goes to eval mode unless is_trainable."""
+    _check_adapter_name(adapter_name)
+    if adapter_name in model.peft_config:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists. Fix: pick another name, or "
+                         f"delete_adapter({adapter_name!r}) first.")
+    local = _local_dir(directory, need_weights=True)
+    config = read_config(local)
+    config.inference_mode = not is_trainable
+    state = _read_weights(local)
+    plan = _plan(model.base_model, config, state, local, adapter_name)
+    model.add_adapter(adapter_name, config)  # validates the rest (bias rule) before changing anything
+    _fill(model, plan, state)
+    if is_trainable:
+        model.set_requires_grad(adapter_name, True)
+    else:
+        model.eval()
+
+
+def _fill(model: LoraModel, plan: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    live = dict(_tensors(model.base_model))
+    with torch.no_grad():
+        for disk_key, model_key in plan.items():
+            dst = live[model_key]
+            dst.copy_(state[disk_key].to(device=dst.device, dtype=dst.dtype))
+
+
+def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], where: Path,
+          adapter_name: str) -> dict[str, str]:
+    """{disk key: key in the model after adapter `adapter_name` is added} for every tensor in
+    `state`, computed from `tree` as it is now (nothing is injected; `tree` may already hold other
+    adapters). Raises ValueError listing every key that does not fit."""
     try:
-        targets = set(find_targets(base, config))
-        mts = inject._modules_to_save_names(base, config)
+        targets = set(find_targets(tree, config))
+        mts = modules_to_save_names(tree, config)
     except ValueError as e:  # the config itself does not fit this model
-        raise ValueError(f"adapter {str(where)!r} does not fit this {type(base).__name__}; the model "
+        raise ValueError(f"adapter {str(where)!r} does not fit this {type(tree).__name__}; the model "
                          f"was not changed. {e}") from e
-    expected = _expected_tensors(base, config, targets, mts)  # wrapped key -> (shape, dtype)
+    expected = _expected_tensors(tree, config, targets, mts, adapter_name)  # model key -> (shape, dtype)
 
     plan: dict[str, str] = {}
     unexpected, bad_shape, quantized = [], [], []
-    seen: set[str] = set()  # wrapped keys the adapter provides, fitting or not
+    seen: set[str] = set()  # model keys the adapter provides, fitting or not
     for disk_key, t in state.items():
         if not disk_key.startswith(PREFIX):
             unexpected.append(f"{disk_key} (peft keys start with {PREFIX!r})")
             continue
-        key = _from_disk_name(disk_key[len(PREFIX):], mts)
+        key = _from_disk_name(disk_key[len(PREFIX):], mts, adapter_name)
         if key not in expected:
             unexpected.append(disk_key[len(PREFIX):])
             continue
@@ -260,8 +348,8 @@ def _plan(base: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
             quantized.append(key)
         else:
             plan[disk_key] = key
-    required = [f"{p}.lora_{ab}.weight" for p in sorted(targets) for ab in "AB"]
-    required += [k for k in expected if any(k.startswith(f"{x}.trainable_module.") for x in mts)]
+    required = [f"{p}.adapters.{adapter_name}.lora_{ab}.weight" for p in sorted(targets) for ab in "AB"]
+    required += [k for k in expected if any(k.startswith(f"{x}.modules_to_save.{adapter_name}.") for x in mts)]
     missing = [k for k in required if k not in seen]
 
     if unexpected or bad_shape or quantized or missing:
@@ -273,43 +361,57 @@ def _plan(base: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
                          f"({len(unexpected)}):\n  " + "\n  ".join(sorted(unexpected)[:20]))
         if missing:
             parts.append(f"weights the adapter lacks for modules the config adapts ({len(missing)}):\n  "
-                         + "\n  ".join(missing[:20]))
+                         + "\n  ".join(_disk_name_of(k, adapter_name) for k in missing[:20]))
         if quantized:
             parts.append("tensors for quantized base weights (cannot be loaded into bitsandbytes storage):"
                          "\n  " + "\n  ".join(quantized[:20]))
         trained_on = config.base_model_name_or_path or "unknown"
         raise ValueError(
-            f"adapter {str(where)!r} does not fit this {type(base).__name__}; the model was not "
+            f"adapter {str(where)!r} does not fit this {type(tree).__name__}; the model was not "
             f"changed.\n" + "\n".join(parts) + f"\nFix: load the adapter into the base model it was "
             f"trained on (base_model_name_or_path: {trained_on}) with the same architecture sizes.")
     return plan
 
 
-def _expected_tensors(base: nn.Module, config: LoraConfig, targets: set[str], mts: list[str]) -> dict:
-    """{key in the wrapped model: (shape, dtype)} as `get_lora_model(base, config)` would make it."""
+def _expected_tensors(tree: nn.Module, config: LoraConfig, targets: set[str], mts: list[str],
+                      adapter_name: str) -> dict:
+    """{key in the model once the adapter is added: (shape, dtype)} for every tensor a file may
+    give: the adapter's LoRA weights and modules_to_save copies, and the base model's tensors."""
     out = {}
     for path in targets:
-        k_in, n_out = quant.in_out_features(base.get_submodule(path))
-        r = inject._pattern_value(config.rank_pattern, path, config.r)
-        out[f"{path}.lora_A.weight"] = ((r, k_in), torch.float32)
-        out[f"{path}.lora_B.weight"] = ((n_out, r), torch.float32)
-    for key, t in _tensors(base):
+        module = tree.get_submodule(path)
+        k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
+                       else quant.in_out_features(module))
+        r = pattern_value(config.rank_pattern, path, config.r)
+        out[f"{path}.adapters.{adapter_name}.lora_A.weight"] = ((r, k_in), torch.float32)
+        out[f"{path}.adapters.{adapter_name}.lora_B.weight"] = ((n_out, r), torch.float32)
+    for key, t in _plain_tensors(tree):
         module_path, _, name = key.rpartition(".")
         spec = (tuple(t.shape), t.dtype)
         owner = next((x for x in mts if key.startswith(f"{x}.")), None)
         if owner is not None:
             rest = key[len(owner) + 1:]
             out[f"{owner}.original_module.{rest}"] = spec
-            out[f"{owner}.trainable_module.{rest}"] = spec
-        elif module_path in targets:
+            out[f"{owner}.modules_to_save.{adapter_name}.{rest}"] = spec
+        elif module_path in targets or isinstance(_get(tree, module_path), LoraLinear):
             out[f"{module_path}.base_layer.{name}"] = spec
+        elif isinstance(_get(tree, module_path), ModulesToSave):  # another adapter's module to save
+            out[f"{module_path}.original_module.{name}"] = spec
         else:
             out[key] = spec
     return out
 
 
-def _from_disk_name(key: str, mts: list[str]) -> str:
-    """Inverse of `_to_disk_name`, plus peft's modules_to_save form `X.k` -> `X.trainable_module.k`."""
+def _get(tree: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return tree.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _from_disk_name(key: str, mts: list[str], adapter_name: str) -> str:
+    """Disk key (prefix stripped) -> model key: `P.lora_A.weight` -> `P.adapters.<adapter>.lora_A.weight`;
+    modules_to_save `X.k` or `X.modules_to_save.k` -> `X.modules_to_save.<adapter>.k`."""
     for path in mts:
         if key.startswith(f"{path}."):
             rest = key[len(path) + 1:]
@@ -317,11 +419,20 @@ def _from_disk_name(key: str, mts: list[str]) -> str:
                 return key
             if rest.startswith("modules_to_save."):
                 rest = rest[len("modules_to_save."):]
-            return f"{path}.trainable_module.{rest}"
+            return f"{path}.modules_to_save.{adapter_name}.{rest}"
+    m = _DISK_LORA_KEY.fullmatch(key)
+    if m:
+        return f"{m['path']}.adapters.{adapter_name}.{m['which']}.weight"
     return key
 
 
-_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<which>lora_[AB])\.weight")
+_DISK_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<which>lora_[AB])\.weight")
+_LORA_KEY = re.compile(r"(?P<path>.+)\.adapters\.[^.]+\.(?P<which>lora_[AB])\.weight")
+
+
+def _disk_name_of(key: str, adapter_name: str) -> str:
+    m = _LORA_KEY.fullmatch(key)
+    return f"{m['path']}.{m['which']}.weight" if m else key.replace(f".modules_to_save.{adapter_name}.", ".")
 
 
 def _shape_msg(key: str, disk_name: str, got: list, want: list) -> str:
@@ -335,7 +446,7 @@ def _shape_msg(key: str, disk_name: str, got: list, want: list) -> str:
 def _local_dir(directory: PathLike, need_weights: bool) -> Path:
     """`directory` if it is a local directory; a Hugging Face Hub repo id is downloaded (cached).
 
-    The hub is only consulted for something that is not a local path and looks like a repo id
+    The hub is only consulted for something that is not a local path and is a valid repo id
     (`name` or `owner/name`); anything else that does not exist is a FileNotFoundError.
     """
     path = Path(directory).expanduser()
@@ -355,7 +466,14 @@ def _local_dir(directory: PathLike, need_weights: bool) -> Path:
 def _looks_like_repo_id(text: str) -> bool:
     if os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text:
         return False
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", text) is not None
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", text) is None:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _download(repo_id: str, need_weights: bool) -> Path:
@@ -367,22 +485,37 @@ def _download(repo_id: str, need_weights: bool) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo: say what was tried
         raise FileNotFoundError(
-            f"{repo_id!r} is not a local directory, and fetching it from the Hugging Face Hub "
-            f"failed ({type(e).__name__}: {e}). Fix: pass an existing adapter directory, or a hub "
-            f"repo id you can reach.") from e
+            f"adapter directory {repo_id!r} does not exist here, and fetching {repo_id!r} as a Hugging "
+            f"Face Hub repo id failed ({type(e).__name__}). Fix: pass an existing adapter directory, "
+            f"or a hub repo id you can reach.") from e
 
 
 def _read_weights(local: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, refused (naming the tensor) if any holds NaN or inf."""
     st, bn = local / WEIGHTS_NAME, local / WEIGHTS_NAME_BIN
-    try:
-        if st.is_file():
-            return load_file(str(st), device="cpu")
-        if bn.is_file():
+    if st.is_file():
+        try:
+            state = load_file(str(st), device="cpu")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot read the adapter weights {str(st)!r} ({type(e).__name__}: {e}). "
+                             f"Fix: re-save the adapter.") from e
+    elif bn.is_file():
+        try:
             # weights_only: a .bin is a pickle; never run code from a downloaded file.
-            return torch.load(str(bn), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"cannot read the adapter weights in {str(local)!r} ({type(e).__name__}: {e}). "
-                         f"Fix: re-save the adapter.") from e
-    raise FileNotFoundError(
-        f"adapter directory {str(local)!r} has no weights file: expected {WEIGHTS_NAME} (or "
-        f"{WEIGHTS_NAME_BIN}) next to {CONFIG_NAME}. Found: {sorted(p.name for p in local.iterdir())}.")
+            state = torch.load(str(bn), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, AttributeError) as e:
+            # torch's own message suggests weights_only=False (running the file's code): not repeated
+            raise ValueError(f"{str(bn)!r} is corrupt or not a PyTorch state dict of tensors "
+                             f"({type(e).__name__}). Fix: re-save the adapter (safetensors is preferred).") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{str(bn)!r} does not hold a dict of tensors. Fix: re-save the adapter.")
+    else:
+        raise FileNotFoundError(
+            f"adapter directory {str(local)!r} has no weights file: expected {WEIGHTS_NAME} (or "
+            f"{WEIGHTS_NAME_BIN}) next to {CONFIG_NAME}. Found: {sorted(p.name for p in local.iterdir())}.")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"adapter weights in {str(local)!r} hold NaN or inf: {bad[:5]}"
+                         f"{' ...' if len(bad) > 5 else ''}; refusing to load them, the model was not changed.")
+    return state
+

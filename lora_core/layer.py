@@ -1,19 +1,33 @@
-"""LoraLinear: one flat LoRA layer around a frozen base linear layer.
+"""LoraLinear: one flat layer around a frozen base linear layer, holding any number of adapters.
 
-    y = base(x) + scaling * lora_B(lora_A(dropout(x)))       A: [r, K], B: [N, r]
+    y = base(x) + sum over active adapters a of  scaling_a * B_a(A_a(dropout_a(x)))
 
-The forward hands all the math to one call of `kernels.lora_linear`, which reads the base weight
-through `quant.base_weight` (dense, bitsandbytes 4-bit or int8). bitsandbytes' own forward never
-runs on a wrapped layer, so its in-place CPU repacking cannot corrupt the storage we read.
+Storage: ONE registry, `adapters: ModuleDict[name -> adapter module]` (`lora_core.adapters` holds
+each method's math), plus `active_adapters` (what the forward applies), `merged_adapters` (what is
+inside the base weight now), `disabled` and the `kernel` backend name. peft's names read as views:
+`layer.lora_A[name]`, `layer.lora_B[name]`, `layer.scaling[name]`, `layer.r[name]`, ... (plain dicts
+built on access; change an adapter through `layer.adapters[name]`). Why one module per adapter
+instead of peft's dict per attribute: see `lora_core.adapters`.
 
-Merging is explicit (`merge()` / `unmerge()`), guarded by `merged`, finite-checked before anything
-is written, and never triggered by `train()` / `eval()`.
+Forward, three cases:
+- exactly one active, unmerged adapter that the fused kernel computes: ONE `kernels.lora_linear`
+  call (base + LoRA fused; the fast path, unchanged by multi-adapter support);
+- several active adapters: the base once, then each adapter's term in peft's order;
+- a mixed batch (`row_adapters` set by `LoraModel(..., adapter_names=[...])`, one name per row of
+  x's first dim): the base once for every row, then each adapter's term on its own rows only
+  (rows grouped by adapter: gather x's rows, compute the term, add it to those rows in place, as
+  peft's `result[rows] += term`); "__base__" rows get nothing. A batch whose rows all name one
+  adapter takes the first path. What it costs against one adapter: README, benchmarks/mixed_batch.py.
+The last two run the adapter terms in PyTorch whatever the backend (the base still uses it).
+
+bitsandbytes' own forward never runs on a wrapped layer, so its in-place CPU repacking cannot
+corrupt the storage we read. Merging is explicit (`merge()` / `unmerge()`), per adapter set,
+finite-checked before anything is written, and never triggered by `train()` / `eval()`.
 """
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -21,42 +35,82 @@ from torch import nn
 import kernels
 
 from . import quant
+from .adapters import LoraAdapter
+
+BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
+_warned: set[str] = set()  # reasons already reported (once per process)
 
 
 class LoraLinear(nn.Module):
-    """A base linear layer plus a rank-`r` update, with peft's attribute names.
+    """A base linear layer plus named adapters, with peft's attribute names.
 
     base_layer: nn.Linear | transformers Conv1D | bnb Linear4bit | bnb Linear8bitLt (frozen).
-    lora_dtype: dtype of lora_A / lora_B (fp32 by default, as peft's autocast_adapter_dtype does;
-    pass the compute dtype, e.g. torch.bfloat16, to keep the LoRA branch in half precision).
-    kernel: backend of `kernels.lora_linear` ("auto" | "torch" | "triton").
+    The other arguments describe the first adapter, named `adapter_name` (more come through
+    `add_adapter`). lora_dtype: dtype of lora_A / lora_B (fp32 by default, as peft's
+    autocast_adapter_dtype; pass e.g. torch.bfloat16 to keep the LoRA branch in half precision).
+    kernel: backend of `kernels.lora_linear` ("auto" | "torch" | "triton"). adapter: a first
+    adapter built elsewhere (`lora_core.adapters`), used instead of r / lora_alpha / ... .
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
-                 fan_in_fan_out: bool = False, lora_dtype: torch.dtype = torch.float32, kernel: str = "auto"):
+                 fan_in_fan_out: bool = False, lora_dtype: torch.dtype = torch.float32, kernel: str = "auto",
+                 adapter_name: str = "default", adapter: Optional[nn.Module] = None):
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r={r!r}: the LoRA rank must be a positive integer")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={lora_dropout!r}: must be in [0, 1)")
         _check_kernel(kernel)
         self.base_layer = base_layer
         self.in_features, self.out_features = quant.in_out_features(base_layer)  # K, N
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.use_rslora = use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.fan_in_fan_out = fan_in_fan_out
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.dropout_p = float(lora_dropout)
-        device = _device_of(base_layer)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=lora_dtype)  # [r, K]
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)  # [N, r]
-        self.reset_lora_parameters(init_lora_weights)
         self.kernel = kernel
-        self.merged = False
+        self.adapters = nn.ModuleDict()
+        self._active: list[str] = [adapter_name]
+        self.merged_adapters: list[str] = []
         self.disabled = False  # set by LoraModel.disable_adapter(): base output only
+        self.row_adapters: Optional[list[str]] = None  # a mixed batch's per-row names, while one runs
+        if adapter is None:
+            adapter = LoraAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha,
+                                  lora_dropout=lora_dropout, init_lora_weights=init_lora_weights,
+                                  use_rslora=use_rslora, dtype=lora_dtype, device=_device_of(base_layer))
+        self.add_adapter(adapter_name, adapter)
+
+    # ---- the registry --------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: nn.Module) -> None:
+        """Register `adapter` under `name` (not made active: see set_adapter)."""
+        if name in self.adapters:
+            raise ValueError(f"this layer already holds an adapter named {name!r}")
+        self.adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (refused while it is merged: its delta is inside the base weight)."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into this layer; unmerge() before deleting it")
+        if name in self.adapters:
+            del self.adapters[name]
+
+    def set_adapter(self, names: Union[str, Sequence[str]]) -> None:
+        """The adapters the forward applies, in order (names this layer lacks are skipped there)."""
+        self._active = [names] if isinstance(names, str) else list(names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # peft's per-adapter dicts, as read-only views of the registry
+    lora_A = property(lambda self: {n: a.lora_A for n, a in self.adapters.items()})
+    lora_B = property(lambda self: {n: a.lora_B for n, a in self.adapters.items()})
+    lora_dropout = property(lambda self: {n: a.lora_dropout for n, a in self.adapters.items()})
+    scaling = property(lambda self: {n: a.scaling for n, a in self.adapters.items()})
+    r = property(lambda self: {n: a.r for n, a in self.adapters.items()})
+    lora_alpha = property(lambda self: {n: a.lora_alpha for n, a in self.adapters.items()})
+    use_rslora = property(lambda self: {n: a.use_rslora for n, a in self.adapters.items()})
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,34 +121,76 @@ class LoraLinear(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.base_layer, "bias", None)
 
-    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
-        """peft's rules. True: A kaiming-uniform(a=sqrt(5)), B zeros (output starts equal to the base).
-        "gaussian": A ~ N(0, (1/r)^2), B zeros. False: A and B keep nn.Linear's random init (B != 0)."""
-        with torch.no_grad():
-            if init_lora_weights is False:
-                self.lora_A.reset_parameters()
-                self.lora_B.reset_parameters()
-                return
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            else:
-                raise ValueError(f"init_lora_weights={init_lora_weights!r}: use True, 'gaussian' or False")
-            nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, adapter_names: Optional[Sequence[str]] = None,
+                **kwargs) -> torch.Tensor:
         # x [..., K] -> y [..., N]
-        active = not (self.disabled or self.merged)
-        seed = None
-        if active and self.training and self.dropout_p > 0:
-            # Drawn from torch's default generator: torch.manual_seed reproduces a run, and activation
-            # checkpointing restores the RNG state before recomputing, so the recompute sees this seed.
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        return kernels.lora_linear(
-            x, self._base_record(), quant.base_bias(self.base_layer),
-            self.lora_A.weight if active else None, self.lora_B.weight if active else None,
-            self.scaling, self.dropout_p, self.training, backend=self.kernel, seed=seed)
+        if self.disabled:
+            return self._base(x)
+        rows = adapter_names if adapter_names is not None else self.row_adapters
+        if rows is not None:
+            return self._mixed_batch(x, rows)
+        adapters = self.adapters
+        return self._apply_adapters(x, [adapters[n] for n in self._active
+                                        if n in adapters and n not in self.merged_adapters])
+
+    def _apply_adapters(self, x: torch.Tensor, todo: list) -> torch.Tensor:
+        """base(x) with the adapters in `todo` applied, in order."""
+        fused = todo[0].fused_args() if len(todo) == 1 else None
+        if fused is not None:
+            A, B, scaling, p = fused
+            # seed=None: the backend draws the dropout mask itself (torch: from torch's generator,
+            # so torch.manual_seed reproduces a run and checkpointing's RNG restore covers it)
+            return kernels.lora_linear(x, self._base_record(), quant.base_bias(self.base_layer), A, B,
+                                       scaling, p, self.training, backend=self.kernel, seed=None)
+        y = self._base(x)
+        if not todo:
+            return y
+        self._note_torch_terms(x, "several active adapters")
+        result = y
+        for adapter in todo:
+            result = adapter(x, result)
+        return result.to(y.dtype)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer alone (merged adapters included), through the layer's backend."""
+        return kernels.lora_linear(x, self._base_record(), quant.base_bias(self.base_layer), None, None,
+                                   1.0, 0.0, self.training, backend=self.kernel)
+
+    def _mixed_batch(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """Row i of x (first dim) gets adapter names[i] only; "__base__" rows the base alone."""
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the input has {x.shape[0]} rows "
+                             f"(first dimension); pass one adapter name (or '{BASE_ROW}') per row")
+        if self.merged_adapters:
+            raise ValueError(f"adapter_names given while adapters {self.merged_adapters} are merged into "
+                             f"the base weights; call unmerge_adapter() first")
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        if len(groups) == 1:  # every row alike: the ordinary path (fused for one LoRA adapter)
+            (name,) = groups
+            return self._apply_adapters(x, [self.adapters[name]] if name in self.adapters else [])
+        y = self._base(x)  # [B, ..., N]: one base pass for every row
+        todo = [(n, rows) for n, rows in groups.items() if n != BASE_ROW and n in self.adapters]
+        if todo:
+            self._note_torch_terms(x, "a mixed batch (adapter_names)")
+        for name, rows in todo:
+            adapter = self.adapters[name]
+            idx = torch.tensor(rows, device=x.device)
+            part = x.index_select(0, idx)  # [b, ..., K]
+            if hasattr(adapter, "term"):  # additive: add the term to its rows in place, as peft's +=
+                y.index_add_(0, idx, adapter.term(part).to(y.dtype))
+            else:
+                y.index_copy_(0, idx, adapter(part, y.index_select(0, idx)).to(y.dtype))
+        return y
+
+    def _note_torch_terms(self, x: torch.Tensor, why: str) -> None:
+        if self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda):
+            reason = f"{why}: the adapter terms run in PyTorch (the base layer runs on the {self.kernel} backend)"
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"LoraLinear: {reason}; one active adapter runs fused.", stacklevel=3)
 
     def _base_record(self):
         """The `kernels` record of the base weight, rebuilt only when the base storage changed.
@@ -120,54 +216,79 @@ class LoraLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # ---- merge -----------------------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in fp32, laid out [N, K] like W (fan_in_fan_out only changes storage)."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # [N, r] @ [r, K]
+    def delta_weight(self, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Sum of the named adapters' deltas (default: the active ones this layer holds), fp32,
+        laid out [N, K] like W (fan_in_fan_out only changes how W is stored)."""
+        names = self._held(self._active if adapter_names is None else adapter_names)
+        total = torch.zeros(self.out_features, self.in_features, device=_device_of(self.base_layer))
+        for name in names:
+            total = total + self.adapters[name].delta_weight()
+        return total
 
-    def merge(self) -> float:
-        """Add the LoRA delta into the base weight; returns the max |stored W - (W + delta)|.
+    def merge(self, adapter_names: Optional[Sequence[str]] = None) -> float:
+        """Add the deltas of `adapter_names` (default: the active adapters) into the base weight;
+        returns the max |stored W - (W + deltas)|.
 
-        A no-op (with a warning) if already merged. Nothing is written unless the merged weight is
-        finite. For 4-bit / int8 bases the sum is re-quantized, so the result (and a later unmerge)
-        carries the quantization error, which the return value reports.
+        Adapters already merged are skipped with a warning (no double add). Nothing is written
+        unless every delta and the merged weight are finite. For 4-bit / int8 bases the sum is
+        re-quantized, so the result (and a later unmerge) carries the quantization error, which
+        the return value reports.
         """
-        if self.merged:
-            warnings.warn("LoraLinear.merge(): already merged; nothing done (no double add).")
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of names, got {adapter_names!r}")
+        wanted = self._held(self._active if adapter_names is None else adapter_names)
+        todo = [n for n in wanted if n not in self.merged_adapters]
+        if len(todo) < len(wanted):
+            warnings.warn(f"LoraLinear.merge(): {[n for n in wanted if n not in todo]} already merged; "
+                          f"{'merging ' + str(todo) if todo else 'nothing done'} (no double add).")
+        if not todo:
             return 0.0
-        return self._apply_delta(+1)
+        err = self._apply_deltas(todo, +1)
+        self.merged_adapters += todo
+        return err
 
     def unmerge(self) -> float:
-        """Subtract the delta again. Exact up to rounding for dense bases; for quantized bases the
-        base comes back within about one quantization step (re-quantization is lossy)."""
-        if not self.merged:
+        """Subtract every merged delta again (last merged first). Exact up to rounding for dense
+        bases; for quantized bases W comes back within about one quantization step (lossy)."""
+        if not self.merged_adapters:
             warnings.warn("LoraLinear.unmerge(): not merged; nothing done.")
             return 0.0
-        return self._apply_delta(-1)
+        err = self._apply_deltas(list(reversed(self.merged_adapters)), -1)
+        self.merged_adapters = []
+        return err
 
-    def _apply_delta(self, sign: int) -> float:
+    def _held(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if n in self.adapters]
+
+    def _apply_deltas(self, names: list[str], sign: int) -> float:
         with torch.no_grad():
-            delta = self.delta_weight()  # [N, K] fp32
-            if not torch.isfinite(delta).all():
-                raise ValueError("LoRA delta (scaling * B @ A) has non-finite values; refusing to merge. "
-                                 "The base weight is unchanged. Fix: check the adapter weights for NaN/inf.")
+            deltas = [self.adapters[n].delta_weight() for n in names]  # each [N, K] fp32
+            bad = [n for n, d in zip(names, deltas) if not torch.isfinite(d).all()]
+            if bad:
+                raise ValueError(f"LoRA delta (scaling * B @ A) of adapter {bad} has non-finite values; "
+                                 f"refusing to merge. The base weight is unchanged. Fix: check the "
+                                 f"adapter weights for NaN/inf.")
             if quant.is_quantized(self.base_layer):
-                target = quant.dequantize_base(self.base_layer) + sign * delta  # [N, K] fp32
+                # one re-quantization for the whole set: each one is lossy
+                target = quant.dequantize_base(self.base_layer)  # [N, K] fp32
+                for d in deltas:
+                    target = target + sign * d
                 _check_finite(target)
                 quant.requantize_into(self.base_layer, target)
             else:
                 w = self.base_layer.weight  # [N, K], or [K, N] when fan_in_fan_out (Conv1D)
-                d = delta.T if self.fan_in_fan_out else delta
-                target = w.float() + sign * d
-                # Sum in fp32 and round once to the base dtype (peft rounds delta to the base dtype
-                # first and then the sum: two roundings in bf16 / fp16).
-                new = target.to(w.dtype)
+                new, target = w, w.float()
+                for d in deltas:
+                    d = d.T if self.fan_in_fan_out else d
+                    target = target + sign * d
+                    # per adapter, W + delta summed in fp32 and rounded once to the base dtype, as
+                    # peft does in fp32 (in bf16 / fp16 peft rounds the delta first: two roundings)
+                    new = (new.float() + sign * d).to(w.dtype)
                 _check_finite(new)
                 w.data.copy_(new)
                 if self.fan_in_fan_out:
                     target = target.T
-            err = (quant.dequantize_base(self.base_layer) - target).abs().max().item()
-        self.merged = sign > 0
-        return err
+            return (quant.dequantize_base(self.base_layer) - target).abs().max().item()
 
 
 def _check_finite(w: torch.Tensor) -> None:

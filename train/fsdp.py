@@ -37,12 +37,14 @@ Facts this rests on (torch 2.13, accelerate 1.15, bitsandbytes 0.50.2, checked o
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
 from .config import TrainConfig
-from .models import TrainError
+from .errors import TrainError
 
 # Plugin fields we set, each with the environment variable an Accelerate config file sets for it
 # (`accelerate launch --config_file ...`): a value from the config file wins over ours.
@@ -182,6 +184,39 @@ def describe(model: torch.nn.Module, world: int) -> str:
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     return (f"FSDP2: {len(sharded)} of {len(list(model.parameters()))} parameters sharded over {world} "
             f"processes; this process holds {held / 2**20:.2f} MiB of the model's {whole / 2**20:.2f} MiB")
+
+
+def all_finite(accelerator, params: list[torch.Tensor], check) -> bool:
+    """`check(tensors)` over this process's shards of `params`, agreed by all processes (a
+    collective): a NaN in one shard stops every process at the same step."""
+    from torch.distributed.tensor import DTensor
+
+    ok = check([p.to_local() if isinstance(p, DTensor) else p for p in params])
+    flag = torch.tensor(0 if ok else 1, device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
+@contextlib.contextmanager
+def whole_trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every trainable parameter of `model` is its whole tensor, so code that
+    reads the weights (save_pretrained) needs no collectives; the shards come back on exit.
+
+    Every process must enter it (the gather is a collective). No forward may run inside: FSDP's
+    hooks would look for the sharded parameters it manages.
+    """
+    from torch.distributed.tensor import DTensor
+
+    swapped = []  # (module, name, sharded parameter)
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.requires_grad and isinstance(p, DTensor):
+                swapped.append((module, name, p))
+                module._parameters[name] = torch.nn.Parameter(p.detach().full_tensor(), requires_grad=True)
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
 
 
 # ---- gathers: every process calls these, in the same order -----------------------------------------

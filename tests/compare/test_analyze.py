@@ -252,7 +252,7 @@ def test_cli_writes_analysis_json_and_pngs(tmp_path, capsys):
         model = get_lora_model(load_tiny(base_dir, "llama"),
                                LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
         for layer in model.lora_layers().values():
-            torch.nn.init.normal_(layer.lora_B.weight)
+            torch.nn.init.normal_(layer.lora_B["default"].weight)
         model.save_pretrained(tmp_path / f"run{r}" / "adapter")
         ours.append(model)
     out = tmp_path / "analysis"

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Rows every run must produce (prefixes of Row.check), so a check that silently vanished fails here.
 EXPECTED = ["trainable parameters", "forward logits (train mode)", "forward logits (inference",
             "gradients of every A and B", "training trajectory", "our adapter file -> peft",
-            "peft adapter file -> ours", "merged weights", "merged outputs"]
+            "peft adapter file -> ours", "merged weights", "merged outputs", "second adapter",
+            "mixed batch"]
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4", "fp4", "int8"])
@@ -34,7 +35,7 @@ def _tamper_factory(victim: dict):
     def tamper(pair):
         path = sorted(pair.keymap)[-1]
         victim["path"] = path
-        pair.keymap[path][0].scaling *= 2  # our layer only: peft keeps the right scaling
+        pair.keymap[path][0].adapters["default"].scaling *= 2  # our layer only: peft keeps the right scaling
     return tamper
 
 

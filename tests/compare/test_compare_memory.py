@@ -22,7 +22,7 @@ class OneLayer(torch.nn.Module):
 
         self.layer = LoraLinear(torch.nn.Linear(k, n), r=r, lora_alpha=2 * r, kernel="torch")
         self.layer.base_layer.requires_grad_(False)
-        torch.nn.init.normal_(self.layer.lora_B.weight)
+        torch.nn.init.normal_(self.layer.lora_B["default"].weight)
 
     def forward(self, x):
         return SimpleNamespace(loss=self.layer(x).square().sum())

@@ -83,7 +83,7 @@ def copy_lora_weights(ours, theirs) -> dict:
     ours_params = dict(ours.named_parameters())
     for path in ours.lora_layers():
         for ab in ("lora_A", "lora_B"):
-            mine, ref = f"base_model.{path}.{ab}.weight", f"base_model.model.{path}.{ab}.default.weight"
+            mine, ref = f"base_model.{path}.adapters.default.{ab}.weight", f"base_model.model.{path}.{ab}.default.weight"
             with torch.no_grad():
                 if ab == "lora_B":
                     # init_lora_weights=False draws B ~ U(+-1/sqrt(r)) = +-0.5: a delta 10x the base

@@ -62,7 +62,7 @@ def test_swap_freezes_base_and_trains_lora():
     layers = model.lora_layers()
     assert sorted(layers) == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"base_model.{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    assert trainable == {f"base_model.{n}.adapters.default.lora_{ab}.weight" for n in layers for ab in "AB"}
 
 
 def test_inference_mode_trains_nothing():
@@ -106,7 +106,7 @@ def test_rank_and_alpha_patterns_match_peft():
     theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(**kwargs))
     for name, layer in ours.lora_layers().items():
         ref = theirs.base_model.model.get_submodule(name)
-        assert (layer.r, layer.scaling) == (ref.r["default"], ref.scaling["default"]), name
+        assert (layer.r, layer.scaling) == (ref.r, ref.scaling), name
 
 
 def test_default_targets_recorded_in_config():

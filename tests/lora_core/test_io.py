@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import lora_core
 import lora_core.io as lio
 from lora_core import LoraConfig, LoraLinear, LoraModel, get_lora_model
 from tiny_models import example_inputs, load_tiny, save_tiny
@@ -188,9 +191,9 @@ def test_bin_weights_and_trainable_load(tiny, tmp_path):
     ours = LoraModel.from_pretrained(_load(path, "gpt2"), tmp_path / "a", is_trainable=True)
     torch.testing.assert_close(_logits(ours, "gpt2"), _logits(theirs, "gpt2"), atol=ATOL, rtol=RTOL)
     trainable = {n for n, p in ours.base_model.named_parameters() if p.requires_grad}
-    # peft's parameter names carry the adapter name ("lora_A.default.weight"); ours do not.
-    assert trainable == {n.replace(".default", "") for n, p in theirs.base_model.model.named_parameters()
-                         if p.requires_grad}
+    # peft's "P.lora_A.default.weight" is our "P.adapters.default.lora_A.weight"
+    assert trainable == {re.sub(r"\.(lora_[AB])\.default\.", r".adapters.default.\1.", n)
+                         for n, p in theirs.base_model.model.named_parameters() if p.requires_grad}
     assert any(n.endswith("c_attn.base_layer.bias") for n in trainable)  # bias="lora_only" trains it
     assert ours.lora_config.inference_mode is False
 
@@ -323,3 +326,153 @@ def test_save_is_atomic(tiny, tmp_path, monkeypatch):
     assert lio.read_config(target).r == 8
     with pytest.raises(NotADirectoryError):
         second.save_pretrained(target / "README.md")
+
+
+# ---- several adapters (issue 12) -------------------------------------------------------------------
+TWO = {"default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+       "other": dict(r=8, lora_alpha=4, target_modules=["k_proj", "v_proj"])}
+
+
+def _two_adapters(model, lib, seed):
+    """`model` wrapped by lib (lora_core or peft) with TWO's adapters, every trainable tensor noised."""
+    first, *rest = TWO.items()
+    if lib is peft:
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(**first[1]))
+    else:
+        wrapped = get_lora_model(model, LoraConfig(**first[1]))
+    for name, cfg in rest:
+        wrapped.add_adapter(name, (peft.LoraConfig if lib is peft else LoraConfig)(**cfg))
+    for name in TWO:
+        wrapped.set_adapter(name)  # make each trainable in turn, so _perturb reaches it
+        _perturb(wrapped, seed=seed + len(name))
+    wrapped.set_adapter("default")
+    return wrapped
+
+
+def _per_adapter_logits(model, arch="llama"):
+    out = {}
+    for name in TWO:
+        model.set_adapter(name)
+        out[name] = _logits(model, arch)
+    return out
+
+
+def test_two_adapters_both_ways_with_peft(tiny, tmp_path):
+    path = tiny("llama")
+    ours = _two_adapters(_load(path, "llama"), lora_core, seed=10)
+    want = _per_adapter_logits(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    # peft's layout: "default" at the root, "other" in its own folder
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "other"]
+    in_peft = peft.PeftModel.from_pretrained(_load(path, "llama"), tmp_path / "ours")
+    in_peft.load_adapter(tmp_path / "ours" / "other", "other")
+    for name, logits in _per_adapter_logits(in_peft).items():
+        torch.testing.assert_close(logits, want[name], atol=ATOL, rtol=RTOL)
+
+    theirs = _two_adapters(_load(path, "llama"), peft, seed=20)
+    want = _per_adapter_logits(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = LoraModel.from_pretrained(_load(path, "llama"), tmp_path / "theirs")
+    in_ours.load_adapter(tmp_path / "theirs" / "other", "other")
+    assert not in_ours.training and in_ours.trainable_parameters()[0] == 0
+    for name, logits in _per_adapter_logits(in_ours).items():
+        torch.testing.assert_close(logits, want[name], atol=ATOL, rtol=RTOL)
+    # the same files as peft writes, adapter by adapter
+    assert _disk(tmp_path / "ours") == _disk(tmp_path / "theirs")
+    assert _disk(tmp_path / "ours" / "other") == _disk(tmp_path / "theirs" / "other")
+
+
+def test_selected_adapters_and_trainable_load(tiny, tmp_path):
+    path = tiny("llama")
+    ours = _two_adapters(_load(path, "llama"), lora_core, seed=30)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tokenizer.json").write_text("{}")
+    ours.save_pretrained(tmp_path / "out", selected_adapters=["other"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["other", "tokenizer.json"]
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        ours.save_pretrained(tmp_path / "out2", selected_adapters=["nope"])
+    assert not (tmp_path / "out2").exists()
+
+    theirs = peft.get_peft_model(_load(path, "llama"), peft.LoraConfig(**TWO["default"]))
+    theirs.load_adapter(str(tmp_path / "out" / "other"), "other", is_trainable=True)
+    mine = get_lora_model(_load(path, "llama"), LoraConfig(**TWO["default"]))
+    mine.load_adapter(tmp_path / "out" / "other", "other", is_trainable=True)
+    assert mine.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert mine.training  # is_trainable: left in train mode, as peft
+    with pytest.raises(ValueError, match="already exists"):
+        mine.load_adapter(tmp_path / "out" / "other", "other")
+
+
+def test_load_adapter_checks_before_changing_the_model(tiny, tmp_path):
+    """A second adapter whose shapes do not fit is refused with the model (and its first adapter)
+    exactly as it was."""
+    path = tiny("llama")
+    other = tmp_path / "wide"
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    get_lora_model(transformers.LlamaForCausalLM(cfg), LoraConfig(r=2)).save_pretrained(other)
+    model = get_lora_model(_load(path, "llama"), LoraConfig(r=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_A of model.layers.0.self_attn.q_proj: adapter \[2, 128\]"):
+        model.load_adapter(other, "wide")
+    assert set(model.peft_config) == {"default"}
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---- issue 9 items that live in lora_core --------------------------------------------------------------
+def test_save_after_merge_and_unload_is_refused(tiny, good_adapter, tmp_path):
+    target = tmp_path / "adapter"
+    shutil.copytree(good_adapter, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    model = LoraModel.from_pretrained(_load(tiny("llama"), "llama"), target)
+    model.merge_and_unload()
+    with pytest.raises(ValueError, match="nothing to save"):
+        model.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensor_refused_by_name(tiny, good_adapter, tmp_path, bad):
+    d = tmp_path / "bad"
+    shutil.copytree(good_adapter, d)
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    sd[key][3, 1] = bad
+    save_file(sd, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = _load(tiny("llama"), "llama")
+    snap = _snapshot(base)
+    with pytest.raises(ValueError, match=f"NaN or inf: \\['{re.escape(key)}'\\]"):
+        LoraModel.from_pretrained(base, d)
+    _assert_unchanged(base, snap)
+
+
+@pytest.mark.parametrize("alpha", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_lora_alpha_refused(tiny, good_adapter, tmp_path, alpha):
+    d = tmp_path / "bad"
+    shutil.copytree(good_adapter, d)
+    text = (d / "adapter_config.json").read_text()
+    (d / "adapter_config.json").write_text(re.sub(r'"lora_alpha": [^,]+', f'"lora_alpha": {alpha}', text))
+    with pytest.raises(ValueError, match="lora_alpha=.*finite number"):
+        LoraModel.from_pretrained(_load(tiny("llama"), "llama"), d)
+
+
+def test_non_object_config_is_one_clear_error(tiny, good_adapter, tmp_path):
+    d = tmp_path / "bad"
+    shutil.copytree(good_adapter, d)
+    for text in ('[{"r": 8}]', '"r=8"', "8"):
+        (d / "adapter_config.json").write_text(text)
+        with pytest.raises(ValueError, match="not an object of LoraConfig fields"):
+            LoraModel.from_pretrained(_load(tiny("llama"), "llama"), d)
+
+
+def test_corrupt_bin_says_corrupt_and_never_weights_only_false(tiny, good_adapter, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text((good_adapter / "adapter_config.json").read_text())
+    for garbage in (b"garbage\x00\x01 not a pickle", b"PK\x03\x04 truncated zip"):
+        (d / "adapter_model.bin").write_bytes(garbage)
+        with pytest.raises(ValueError, match="corrupt") as err:
+            LoraModel.from_pretrained(_load(tiny("llama"), "llama"), d)
+        assert "weights_only" not in str(err.value) and "re-save" in str(err.value)

@@ -41,19 +41,20 @@ def manual(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     W = quant.dequantize_base(layer.base_layer)  # [N, K] fp32
     b = layer.base_layer.bias
     y = x.float() @ W.T + (0 if b is None else b.float())
-    return y + layer.scaling * (x.float() @ layer.lora_A.weight.float().T) @ layer.lora_B.weight.float().T
+    A, B = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    return y + layer.scaling["default"] * (x.float() @ A.T) @ B.T
 
 
 # ---- init ----------------------------------------------------------------------------------------
 def test_init_true_is_peft_s():
     layer = LoraLinear(nn.Linear(K, N), r=R, lora_alpha=8)
-    assert layer.lora_A.weight.shape == (R, K) and layer.lora_B.weight.shape == (N, R)
-    assert layer.lora_A.weight.dtype == torch.float32  # fp32 by default, as peft
-    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    assert layer.lora_A["default"].weight.shape == (R, K) and layer.lora_B["default"].weight.shape == (N, R)
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # fp32 by default, as peft
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
     # kaiming_uniform(a=sqrt(5)) on [r, K] draws from U(-1/sqrt(K), 1/sqrt(K))
     bound = 1 / math.sqrt(K)
-    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.abs().max() > 0.8 * bound
-    assert layer.scaling == 8 / R
+    assert layer.lora_A["default"].weight.abs().max() <= bound and layer.lora_A["default"].weight.abs().max() > 0.8 * bound
+    assert layer.scaling == {"default": 8 / R} and layer.r == {"default": R}
 
 
 def test_init_same_as_peft_with_same_seed():
@@ -64,26 +65,26 @@ def test_init_same_as_peft_with_same_seed():
     ours_base = nn.Linear(K, N)
     torch.manual_seed(3)  # same RNG draws in the same order: A, B default init, then A re-init
     ours = LoraLinear(ours_base, r=R)
-    torch.testing.assert_close(ours.lora_A.weight, theirs.base_model.model[0].lora_A["default"].weight)
+    torch.testing.assert_close(ours.lora_A["default"].weight, theirs.base_model.model[0].lora_A["default"].weight)
 
 
 def test_init_gaussian_and_false():
     torch.manual_seed(0)
     g = LoraLinear(nn.Linear(512, N), r=R, init_lora_weights="gaussian")
     # std of 2048 draws of N(0, 1/r^2) = 0.25 within ~5 % (sampling error ~1.6 %)
-    assert abs(g.lora_A.weight.std().item() - 1 / R) < 0.05 / R
-    assert torch.count_nonzero(g.lora_B.weight) == 0
+    assert abs(g.lora_A["default"].weight.std().item() - 1 / R) < 0.05 / R
+    assert torch.count_nonzero(g.lora_B["default"].weight) == 0
     f = LoraLinear(nn.Linear(K, N), r=R, init_lora_weights=False)
-    assert torch.count_nonzero(f.lora_B.weight) == N * R  # B random: the adapter changes the output
+    assert torch.count_nonzero(f.lora_B["default"].weight) == N * R  # B random: the adapter changes the output
 
 
 def test_rslora_scaling():
-    assert LoraLinear(nn.Linear(K, N), r=16, lora_alpha=8, use_rslora=True).scaling == 8 / 4
+    assert LoraLinear(nn.Linear(K, N), r=16, lora_alpha=8, use_rslora=True).scaling["default"] == 8 / 4
 
 
 def test_lora_dtype_option():
     layer = LoraLinear(nn.Linear(K, N), r=R, lora_dtype=torch.bfloat16)
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.bfloat16
+    assert layer.lora_A["default"].weight.dtype == layer.lora_B["default"].weight.dtype == torch.bfloat16
 
 
 # ---- forward -------------------------------------------------------------------------------------
@@ -96,8 +97,9 @@ def test_forward_linear_and_conv1d_match_formula():
     nn.init.normal_(conv.weight, std=0.02)
     c = LoraLinear(conv, r=R, init_lora_weights=False, fan_in_fan_out=True)
     assert c.in_features == K and c.out_features == N
-    torch.testing.assert_close(c(x), x @ conv.weight + conv.bias + c.scaling * (x @ c.lora_A.weight.T)
-                               @ c.lora_B.weight.T, rtol=1e-5, atol=1e-5)
+    A, B = c.lora_A["default"].weight, c.lora_B["default"].weight
+    torch.testing.assert_close(c(x), x @ conv.weight + conv.bias + c.scaling["default"] * (x @ A.T) @ B.T,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_disabled_gives_base_output_and_grads_reach_A_B():
@@ -108,7 +110,7 @@ def test_disabled_gives_base_output_and_grads_reach_A_B():
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
     layer.disabled = False
     layer(x).sum().backward()
-    assert layer.lora_A.weight.grad.abs().sum() > 0 and layer.lora_B.weight.grad.abs().sum() > 0
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0 and layer.lora_B["default"].weight.grad.abs().sum() > 0
 
 
 def test_dropout_seed_follows_torch_manual_seed():

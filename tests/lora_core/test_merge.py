@@ -7,9 +7,9 @@ from lora_core import LoraConfig, LoraLinear, get_lora_model
 from lora_core import quant
 from tiny_models import example_inputs, load_tiny, save_tiny
 
-# NF4's widest gap between neighbouring code values is 1 - 0.7230 = 0.277 (of the block absmax);
-# rounding to the nearest code errs by at most half of it.
-NF4_HALF_STEP = 0.139
+# NF4's widest gap between neighbouring code values is -0.6962 - (-1) = 0.304 (of the block absmax;
+# the positive side's widest, 1 - 0.7230, is 0.277); rounding to the nearest code errs by at most half.
+NF4_HALF_STEP = 0.152
 # int8 rounds W * 127 / row_absmax to an integer: at most half a step, 0.5 / 127 of the row absmax;
 # bnb quantizes from fp16, whose rounding (2^-11 relative) adds a little.
 INT8_HALF_STEP = 0.5 / 127 + 2 ** -11
@@ -30,7 +30,7 @@ def lora_model(dirs, arch, base, **cfg):
     model = get_lora_model(load_tiny(dirs[arch], arch, quantization, dtype), config)
     with torch.no_grad():  # a trained-adapter-sized delta (B ~ U(+-0.5) by default would swamp W)
         for layer in model.lora_layers().values():
-            layer.lora_B.weight.mul_(0.2)
+            layer.lora_B["default"].weight.mul_(0.2)
     return model
 
 
@@ -112,7 +112,8 @@ def test_fp32_unmerge_is_exact_to_rounding_and_merge_twice_is_noop(dirs):
     assert not torch.equal(w0, w1)
     with pytest.warns(UserWarning, match="already merged"):
         layer.merge()
-    assert model.merge_adapter() == {}  # nothing left to merge at model level
+    with pytest.warns(UserWarning, match=r"\['default'\] already merged"):
+        assert model.merge_adapter() == {}  # nothing left to merge at model level, and it says so
     torch.testing.assert_close(layer.base_layer.weight, w1, rtol=0, atol=0)  # no double add
     model.unmerge_adapter()
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
@@ -124,7 +125,7 @@ def test_non_finite_delta_refused_nothing_changed(dirs, base):
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     last = list(model.lora_layers().values())[-1]
     with torch.no_grad():
-        last.lora_B.weight[0, 0] = float("nan")
+        last.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         model.merge_adapter()
     with pytest.raises(ValueError, match="non-finite"):

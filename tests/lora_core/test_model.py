@@ -83,7 +83,7 @@ def test_forwards_calls_and_attributes():
 def test_state_dict_and_lora_layers_layout():
     model = get_lora_model(build("llama"), LoraConfig(r=4))
     keys = set(model.state_dict())
-    assert "base_model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight" in keys
     assert "base_model.model.layers.0.self_attn.q_proj.base_layer.weight" in keys
     assert set(model.lora_layers()) == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"}
     assert model.lora_config.target_modules == {"q_proj", "v_proj"}
@@ -127,7 +127,7 @@ def test_set_kernel_reaches_every_layer():
 def test_kernel_and_lora_dtype_options():
     model = get_lora_model(build("llama"), LoraConfig(), lora_dtype=torch.bfloat16, kernel="torch")
     layer = next(iter(model.lora_layers().values()))
-    assert layer.kernel == "torch" and layer.lora_A.weight.dtype == torch.bfloat16
+    assert layer.kernel == "torch" and layer.lora_A["default"].weight.dtype == torch.bfloat16
 
 
 def test_merge_and_unload_returns_plain_model():

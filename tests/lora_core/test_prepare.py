@@ -31,9 +31,9 @@ def test_prepare_then_train_with_checkpointing(llama_dir, quantization, dtype, r
     out.loss.backward()
     for name, layer in lora.lora_layers().items():
         # B starts at zero, so A's gradient is zero at step 0; B's must be non-zero everywhere
-        g = layer.lora_B.weight.grad
+        g = layer.lora_B["default"].weight.grad
         assert g is not None and g.abs().sum() > 0, name
-        assert layer.lora_A.weight.grad is not None, name
+        assert layer.lora_A["default"].weight.grad is not None, name
 
 
 def test_checkpoint_recompute_sees_the_same_dropout(llama_dir):
@@ -49,8 +49,8 @@ def test_checkpoint_recompute_sees_the_same_dropout(llama_dir):
         torch.manual_seed(11)
         with torch.no_grad():
             for layer in lora.lora_layers().values():
-                layer.lora_A.weight.normal_(std=0.1)
-                layer.lora_B.weight.normal_(std=0.1)
+                layer.lora_A["default"].weight.normal_(std=0.1)
+                layer.lora_B["default"].weight.normal_(std=0.1)
         torch.manual_seed(5)
         lora(**example_inputs("llama")).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for n, p in lora.named_parameters() if p.requires_grad]))

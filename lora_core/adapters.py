@@ -1,0 +1,122 @@
+"""What one adapter holds and computes: the one place that maps a method to its math.
+
+A layer (`LoraLinear`) keeps ONE registry, `adapters: ModuleDict[name -> adapter]`; each adapter is
+a small module that owns its parameters and settings and answers the layer's four questions:
+
+    fused_args()          (A [r, K], B [N, r], scaling, dropout_p) when a single
+                          `kernels.lora_linear` call can compute base + this adapter (the fused
+                          path, taken when it is the only active adapter); None when it cannot
+    forward(x, result)    `result` with this adapter applied, in peft's order of operations: the
+                          general path (several active adapters, a mixed batch, a method the fused
+                          kernel cannot compute). result is the base output [..., N] (plus the
+                          adapters before this one); x [..., K] the layer input
+    delta_weight()        the change of W, [N, K] in fp32, that merging adds
+    reset_parameters(init)
+and, for methods whose effect is a plain addition (LoRA), term(x) -> the added [..., N], which
+lets a mixed batch add it to its rows in place (peft's `result[rows] += term`).
+
+`METHODS` maps a method name to its class and `method_of(config)` picks it. LoRA variants (DoRA's
+magnitude vector, lora_bias) and other methods (IA3, a bottleneck adapter = LoRA with an activation
+on u) slot in as classes here: the layer, the model, saving and merging ask these four questions
+and never look inside.
+
+Why a module per adapter rather than peft's per-attribute dicts (`lora_A[name]`, `scaling[name]`,
+`r[name]`, ...): adding, deleting, moving or freezing an adapter is then one dict operation on
+one object, and a new method adds one class instead of one more dict on every layer. The layer
+still offers peft's dict names as read-only views (`layer.lora_A[name]`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+
+class LoraAdapter(nn.Module):
+    """One LoRA adapter of a layer: W' = W + scaling * B @ A, with dropout on the LoRA input.
+
+    lora_A: nn.Linear(K, r) (weight [r, K]); lora_B: nn.Linear(r, N) (weight [N, r]);
+    lora_dropout: nn.Dropout(p), or nn.Identity when p = 0 (peft's modules and names);
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    """
+
+    method = "lora"
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, init_lora_weights: Union[bool, str] = True,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r={r!r}: the LoRA rank must be a positive integer")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={lora_dropout!r}: must be in [0, 1)")
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # Created in peft's order (A, then B, each drawing nn.Linear's default init), so the same
+        # seed gives the same weights as peft.
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)   # [r, K]
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)  # [N, r]
+        self.reset_parameters(init_lora_weights)
+
+    @property
+    def dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def reset_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        """peft's rules. True: A kaiming-uniform(a=sqrt(5)), B zeros (the output starts at the base).
+        "gaussian": A ~ N(0, (1/r)^2), B zeros. False: A and B keep nn.Linear's random init (B != 0),
+        drawing nothing more (as peft: the same seed then gives the same weights)."""
+        with torch.no_grad():
+            if init_lora_weights is False:
+                return
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            else:
+                raise ValueError(f"init_lora_weights={init_lora_weights!r}: use True, 'gaussian' or False")
+            nn.init.zeros_(self.lora_B.weight)
+
+    def fused_args(self):
+        return self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p
+
+    def term(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B(A(dropout(x))) [..., N] in the LoRA dtype, x [..., K] cast to it (peft's order)."""
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+
+    def forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # peft's lora.Linear.forward for one adapter: the sum in the promoted dtype (the layer
+        # rounds once at the end). x [..., K] -> result [..., N].
+        return result + self.term(x)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, [N, K] like W (fan_in_fan_out only changes how W is stored)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # [N, r] @ [r, K]
+
+
+# method name -> adapter class. One entry per method; `method_of` says which one a config asks for.
+METHODS: dict[str, type] = {"lora": LoraAdapter}
+
+
+def method_of(config) -> str:
+    """The METHODS key for a LoraConfig (its peft_type and variant flags). LoraConfig refuses the
+    variants we lack when it is built, so every config we hold is plain LoRA for now."""
+    return "lora"
+
+
+def build_adapter(config, path: str, in_features: int, out_features: int, dtype: torch.dtype,
+                  device: Optional[torch.device]) -> nn.Module:
+    """The adapter `config` puts on the layer at `path` (rank_pattern / alpha_pattern applied)."""
+    from .inject import pattern_value  # the name-pattern rule lives with the other matching rules
+
+    cls = METHODS[method_of(config)]
+    return cls(in_features, out_features, r=pattern_value(config.rank_pattern, path, config.r),
+               lora_alpha=pattern_value(config.alpha_pattern, path, config.lora_alpha),
+               lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
+               use_rslora=config.use_rslora, dtype=dtype, device=device)
