@@ -57,7 +57,13 @@ def save_builtin(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(builtin_config())
-    model.save_pretrained(path)
+    # Not model.save_pretrained: once torch.distributed is initialized, transformers 5 writes the
+    # weights on rank 0 only, and each process of a multi-process run saves its own copy here.
+    from safetensors.torch import save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    save_model(model, str(path / "model.safetensors"), metadata={"format": "pt"})
     build_char_tokenizer().save_pretrained(path)
     return path
 
