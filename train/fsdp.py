@@ -76,6 +76,14 @@ def check(cfg: TrainConfig) -> None:
     if cfg.bnb_4bit_quant_storage != "uint8" and not four_bit:
         raise TrainError(f"--bnb-4bit-quant-storage {cfg.bnb_4bit_quant_storage} applies to 4-bit bases "
                          f"only (--quantization nf4 or fp4), not --quantization {cfg.quantization}")
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        # Tried (DeepSpeed 0.19.8, CPU, gloo): ZeRO-3 steps run through Accelerate, but on CPU
+        # Accelerate counts 1 process with every rank "main", and on any device ZeRO-3 leaves each
+        # parameter an empty placeholder outside its gathered context, which this loop's adapter
+        # save, checkpoints and weight checks would read.
+        raise TrainError("DeepSpeed (an Accelerate config with distributed_type: DEEPSPEED) is not supported "
+                         "by python -m train; shard with FSDP2 instead: --fsdp, or distributed_type: FSDP "
+                         "with fsdp_version: 2 in the config")
     if not wanted(cfg):
         return
     source = "--fsdp" if cfg.fsdp else "the Accelerate config (ACCELERATE_USE_FSDP)"

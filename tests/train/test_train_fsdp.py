@@ -17,16 +17,38 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+# What `accelerate config` writes for FSDP2 on one machine with 2 processes.
+ACCELERATE_FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_activation_checkpointing: false
+  fsdp_offload_params: false
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+"""
 KW = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-2, warmup_steps=1,
           max_length=64, tag_eval_samples=4, num_sample_generations=1, max_new_tokens=6,
           eval_split_size=0.25, seed=0)
-needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this python")
+needs_torchrun = pytest.mark.skipif(not (TORCHRUN.exists() and ACCELERATE.exists()),
+                                    reason="torchrun / accelerate not installed next to this python")
 
 
-def _launch(tiny_dir, data_file, out: Path, *flags: str, **kw) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """`torchrun --nproc_per_node 2 -m train --fsdp ...` with KW (overridden by kw); its log records."""
-    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "train", "--fsdp",
-            "--model", str(tiny_dir), "--dataset", str(data_file), "--output-dir", str(out),
+def _launch(tiny_dir, data_file, out: Path, *flags: str, accelerate_config: Path | None = None,
+            **kw) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`torchrun --nproc_per_node 2 -m train --fsdp ...`, or `accelerate launch --config_file C -m
+    train ...` (FSDP from the config file), with KW (overridden by kw); its log records."""
+    launcher = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "train", "--fsdp"] \
+        if accelerate_config is None else \
+        [str(ACCELERATE), "launch", "--config_file", str(accelerate_config), "-m", "train"]
+    args = [*launcher, "--model", str(tiny_dir), "--dataset", str(data_file), "--output-dir", str(out),
             "--per-device-train-batch-size", "2", "--cpu-threads", "1", "--report-to", "none", *flags]
     for k, v in {**KW, **kw}.items():
         args += ["--" + k.replace("_", "-"), str(v)]
@@ -78,10 +100,15 @@ def test_fsdp_dense_equals_one_process_resumes_and_saves_a_peft_adapter(base_cfg
         "scheduler.bin", "trainer_state.json"]
 
     # Resume from step 2 under FSDP: the rest of the trajectory is the uninterrupted FSDP run's.
+    # This launch takes FSDP from an Accelerate config file instead of --fsdp.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
-    _, rlog = _launch(tiny_dir, data_file, resumed, "--resume-from-checkpoint", "latest")
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(ACCELERATE_FSDP_CONFIG)
+    rproc, rlog = _launch(tiny_dir, data_file, resumed, "--resume-from-checkpoint", "latest",
+                          accelerate_config=config)
+    assert "49 of 49 parameters sharded over 2 processes" in rproc.stdout
     assert [r["step"] for r in rlog] == [r["step"] for r in log]
     for key in ("loss", "eval_loss", "grad_norm"):
         # same processes, same order of operations: equal up to the last bits
@@ -130,15 +157,16 @@ def test_fsdp_qlora_bf16_checkpointing_equals_one_process(base_cfg, tiny_dir, da
     (dict(), {"WORLD_SIZE": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "pass --gradient-checkpointing"),
     (dict(), {"WORLD_SIZE": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "cpu_ram_efficient_loading"),
     (dict(), {"WORLD_SIZE": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "on a CPU-only run"),
+    (dict(fsdp=False), {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed .* is not supported"),
 ], ids=["one-process", "int8", "uint8-storage", "storage-vs-mixed-precision", "fsdp1",
-        "accelerate-activation-checkpointing", "cpu-ram-efficient-loading", "offload-on-cpu"])
+        "accelerate-activation-checkpointing", "cpu-ram-efficient-loading", "offload-on-cpu", "deepspeed"])
 def test_fsdp_refuses_impossible_combinations(base_cfg, monkeypatch, tmp_path, kw, env, message):
     from train import TrainError, run
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(TrainError, match=message.replace("(", r"\(").replace("+", r"\+")):
-        run(base_cfg(fsdp=True, **kw))
+        run(base_cfg(**{"fsdp": True, **kw}))
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -156,3 +184,18 @@ def test_quant_storage_applies_to_4bit_only(base_cfg):
 
     with pytest.raises(TrainError, match="applies to 4-bit bases only"):
         run(base_cfg(bnb_4bit_quant_storage="bfloat16"))
+
+
+def test_builtin_model_is_saved_on_every_process(tmp_path, monkeypatch):
+    """A quantized built-in model is saved to a temp dir and loaded back in each process; transformers
+    5's save_pretrained writes on rank 0 only once torch.distributed is up (here: rank 1 of 2)."""
+    import transformers.distributed.mixin as mixin
+
+    from train.models import load_base_model, save_builtin
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    save_builtin(tmp_path / "m", seed=3)
+    loaded = load_base_model(str(tmp_path / "m"), "none", 0)
+    ref = load_base_model("builtin:tiny-llama", "none", 3)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ref.state_dict().values()))
