@@ -32,8 +32,10 @@ Facts this rests on (torch 2.13, accelerate 1.15, bitsandbytes 0.50.2, checked o
   is dropped); `enable_on_cpu` does for that case what AcceleratorState does on GPUs, so the CPU
   test exercises Accelerate's FSDP2 code (fsdp2_prepare_model, clip_grad_norm_, no_sync).
 - Accelerate's `save_state` under FSDP writes the whole model; checkpoints here hold only what a
-  resume needs, gathered to full tensors, in the same files and formats as an unsharded run
-  (so a checkpoint does not depend on the number of processes).
+  resume needs, gathered to full tensors, in the same files and formats as an unsharded run.
+- A base quantized on the CPU reaches the GPU through FSDP: it moves each parameter with
+  `param.data = param.to(device)` before sharding, and `Params4bit.to` moves the QuantState with
+  it (read, not run: no GPU here).
 """
 from __future__ import annotations
 
@@ -168,18 +170,6 @@ def is_sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
-
-
-def move_quant_states(model: torch.nn.Module, device: torch.device) -> None:
-    """Put every 4-bit layer's QuantState on `device`.
-
-    FSDP moves parameters onto the device when it shards them, but a QuantState is a plain
-    attribute of the Linear4bit, so a base quantized on the CPU keeps absmax / code there.
-    """
-    for module in model.modules():
-        qs = getattr(module, "quant_state", None)
-        if qs is not None and hasattr(qs, "absmax") and qs.absmax.device != device:
-            qs.to(device)
 
 
 def describe(model: torch.nn.Module, world: int) -> str:

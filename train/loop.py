@@ -236,7 +236,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     # 4. Model: frozen base (maybe quantized) -> kbit preparation -> LoRA layers.
     from lora_core import get_lora_model, prepare_model_for_kbit_training
 
-    # Under FSDP a quantized base is loaded on the CPU and each process's shards then move to its
+    # Under FSDP a quantized base is loaded on the CPU and FSDP moves each process's shards to its
     # device (the whole quantized model need not fit one GPU); unquantized bases load on the CPU anyway.
     base = load_base_model(cfg.model, cfg.quantization, cfg.seed, "cpu" if sharded else accelerator.device,
                            cfg.bnb_4bit_quant_storage)
@@ -265,10 +265,8 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     # autocast (FSDP: its mixed-precision policy instead).
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, scheduler)
-    if sharded:
-        fsdp.move_quant_states(model, accelerator.device)
-        if main:
-            print(fsdp.describe(model, world))
+    if sharded and main:
+        print(fsdp.describe(model, world))
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them by sharded ones
     ckpt.register_hooks(accelerator)  # checkpoints hold the LoRA weights, not the frozen base
     # fp16's GradScaler skips a step whose gradients overflowed and lowers its scale: an inf

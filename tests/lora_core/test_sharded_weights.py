@@ -80,6 +80,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_a_weight_that_is_still_an_fsdp_shard_is_refused(tmp_path):
     """Outside the FSDP-wrapped model's forward a base weight is a DTensor shard; the cached record
     of the whole weight must not be reused for it, nor a record built from the shard."""
