@@ -92,6 +92,10 @@ def check(cfg: TrainConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         raise TrainError(f"{source} shards the model over processes, but this is 1 process; {LAUNCH_HINT}")
+    if cfg.method != "lora":
+        raise TrainError(f"--fsdp with --method {cfg.method}: sharding is built and tested for --method lora "
+                         f"only (adalora's rank allocation reads whole gradients, each process holds shards; "
+                         f"the other methods were not run sharded); use --method lora or no --fsdp")
     if cfg.quantization == "int8":
         raise TrainError("--fsdp cannot shard an int8 base: bitsandbytes keeps its int8 scales (SCB) on the "
                          "parameter and in layer state that FSDP's sharded parameters drop; use "

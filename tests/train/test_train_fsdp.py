@@ -150,6 +150,7 @@ def test_fsdp_qlora_bf16_checkpointing_equals_one_process(base_cfg, tiny_dir, da
 @pytest.mark.parametrize("kw, env, message", [
     (dict(), {}, "this is 1 process; launch several processes: torchrun --nproc_per_node N"),
     (dict(quantization="int8"), {"WORLD_SIZE": "2"}, "cannot shard an int8 base"),
+    (dict(method="ia3"), {"WORLD_SIZE": "2"}, "built and tested for --method lora only"),
     (dict(quantization="nf4"), {"WORLD_SIZE": "2"}, "needs --bnb-4bit-quant-storage bfloat16"),
     (dict(quantization="nf4", bnb_4bit_quant_storage="float32", mixed_precision="bf16"), {"WORLD_SIZE": "2"},
      "use --bnb-4bit-quant-storage bfloat16"),
@@ -158,7 +159,7 @@ def test_fsdp_qlora_bf16_checkpointing_equals_one_process(base_cfg, tiny_dir, da
     (dict(), {"WORLD_SIZE": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "cpu_ram_efficient_loading"),
     (dict(), {"WORLD_SIZE": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "on a CPU-only run"),
     (dict(fsdp=False), {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed .* is not supported"),
-], ids=["one-process", "int8", "uint8-storage", "storage-vs-mixed-precision", "fsdp1",
+], ids=["one-process", "int8", "method-ia3", "uint8-storage", "storage-vs-mixed-precision", "fsdp1",
         "accelerate-activation-checkpointing", "cpu-ram-efficient-loading", "offload-on-cpu", "deepspeed"])
 def test_fsdp_refuses_impossible_combinations(base_cfg, monkeypatch, tmp_path, kw, env, message):
     from train import TrainError, run
