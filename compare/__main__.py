@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PEFT method on both sides; --r is AdaLoRA's init_r and the prompt length of "
                          "adaption-prompt / prompt-tuning (default: lora)")
 
+    from .speed import COMPILE_MODES
+
     sp = sub.add_parser("speed", help="forward / forward+backward / optimizer-step time and memory vs peft")
     _model_flags(sp, kernel=False)
     _num(sp, "--steps", int, 20, "timed repetitions per variant", ge=1)
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "gradients, saved activations, other) and the bytes saved per LoRA layer name")
     sp.add_argument("--plot", default=None, metavar="PATH",
                     help="also write a PNG here: time per phase with p10-p90, ratio to peft, memory")
+    sp.add_argument("--compile", action="store_true",
+                    help="time torch.compile(model) on every side (compiled ours vs compiled peft) and "
+                         "report each side's compile time; memory is then not measured")
+    sp.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                    help="torch.compile's mode with --compile (default: default)")
 
     sw = sub.add_parser("sweep", help="short trainings over a grid of TrainConfig fields; exit 1 if a run failed")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -198,12 +205,18 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
+            if args.compile and (args.plot is not None or args.memory_breakdown):
+                raise CompareError("--plot and --memory-breakdown show memory, which --compile does not measure; "
+                                   "run them without --compile")
+            if args.compile_mode != "default" and not args.compile:
+                raise CompareError(f"--compile-mode {args.compile_mode} needs --compile")
             if args.plot is not None:
                 from .plots import check_png_path
 
                 check_png_path(args.plot)
             result = run_speed(_spec(args), steps=args.steps, warmup=args.warmup, progress=say,
-                               lora_dropout=args.lora_dropout)
+                               lora_dropout=args.lora_dropout, compile=args.compile,
+                               compile_mode=args.compile_mode)
             print(format_speed(result, breakdown=args.memory_breakdown))
             if args.json:
                 write_json(args.json, result)

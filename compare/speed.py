@@ -8,6 +8,11 @@ After warm-up, every repetition runs each variant once, in an order that rotates
 machine (other processes, frequency) spreads over all variants alike. On CUDA, times come from CUDA
 events; on CPU, wall time (perf_counter) and process CPU time.
 
+With `compile=True` (`--compile`) each variant runs as `torch.compile(model)` (Inductor, mode as
+given), so the table compares compiled ours against compiled peft; the first optimizer step,
+which compiles, is timed apart and reported as the compile time (minus a steady step). Memory is
+then not measured: its saved-tensor hooks would change what is compiled.
+
 Memory, after the timing, one more optimizer step per variant (`compare.memory.measure_step`): the
 allocator's own events under torch.profiler give the live tensor bytes at the step's peak, what they
 are (weights, optimizer state, gradients, saved activations, other) and what autograd saved per
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch._dynamo
 
 from . import memory
 from .equivalence import no_dropout
@@ -46,6 +52,8 @@ class Variant:
     cpu_times: dict = field(default_factory=lambda: {p: [] for p in PHASES})  # process CPU seconds
     memory: Optional[memory.StepMemory] = None
     cuda_memory: Optional[dict] = None  # memory.cuda_peaks
+    run: Optional[Callable] = None  # what a phase calls: the model, or torch.compile(model)
+    first_step: tuple[float, float] = (0.0, 0.0)  # (wall s, CPU s) of the first optimizer step
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -83,11 +91,17 @@ class _Timer:
         return time.perf_counter() - t, time.process_time() - c
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int = 4,
               progress: Optional[Callable[[str], None]] = None, lora_dropout: float = 0.0,
-              variants: Optional[Sequence[str]] = None) -> dict:
+              variants: Optional[Sequence[str]] = None, compile: bool = False,
+              compile_mode: str = "default") -> dict:
     """Measure every variant; return a JSON-able dict with per-phase median/p10/p90 and ratios,
-    and each variant's memory (`compare.memory.StepMemory.to_dict()` under "memory").
+    and each variant's memory (`compare.memory.StepMemory.to_dict()` under "memory"; None when
+    compiled). `compile`: time `torch.compile(model, mode=compile_mode)` on every side instead;
+    each variant's "compile_s" is its first optimizer step less its median one (wall time).
 
     The base model's own dropouts are off on both sides; `lora_dropout` is the LoRA branch's rate,
     set alike on ours and peft's (the recipes train with 0.05), so its cost is in the timings.
@@ -98,6 +112,8 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout}: must be in [0, 1)")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={compile_mode!r}: one of {', '.join(COMPILE_MODES)}")
     names = list(VARIANTS if variants is None else variants)
     if (any(n not in VARIANTS for n in names) or len(set(names)) != len(names) or "peft" not in names
             or len(names) < 2):
@@ -127,6 +143,18 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
     for v in live:
         no_dropout(v.model)
         v.model.train()
+    if compile:
+        torch._dynamo.reset()  # nothing compiled earlier in this process counts
+        # the two ours variants share one model, hence one wrapper: Dynamo keeps a compiled graph
+        # per backend (it guards on the layer's backend name), so switching recompiles only once
+        wrapped = {}
+        for v in live:
+            if id(v.model) not in wrapped:
+                wrapped[id(v.model)] = torch.compile(v.model, mode=None if compile_mode == "default" else compile_mode)
+            v.run = wrapped[id(v.model)]
+    else:
+        for v in live:
+            v.run = v.model
     if lora_dropout > 0:
         set_lora_dropout(pair.keymap, lora_dropout)
     # The two ours variants share one model (set_kernel switches), so they share one optimizer.
@@ -142,24 +170,28 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
 
     def phases(v: Variant, b: dict) -> dict[str, Callable[[], None]]:
         def fwd():
-            v.model(**b)
+            v.run(**b)
 
         def fwd_bwd():
-            v.model(**b).loss.backward()
+            v.run(**b).loss.backward()
 
         def step():
             v.opt.zero_grad(set_to_none=True)
-            v.model(**b).loss.backward()
+            v.run(**b).loss.backward()
             v.opt.step()
         return {"forward": fwd, "forward+backward": fwd_bwd, "optimizer step": step}
 
-    for v in list(live):  # a backend that cannot take this model here is listed, not fatal
-        if v.kernel is None:
-            continue
+    # the first optimizer step of each variant, timed apart (with compile=True, it compiles); a
+    # backend that cannot take this model here is listed, not fatal
+    say("first optimizer step of each variant" + (" (compiling)" if compile else ""))
+    for v in list(live):
         try:
-            v.model.set_kernel(v.kernel)
-            phases(v, batches[0])["optimizer step"]()
+            if v.kernel:
+                v.model.set_kernel(v.kernel)
+            v.first_step = timer(phases(v, batches[0])["optimizer step"])
         except (NotImplementedError, ValueError, RuntimeError, ImportError) as e:
+            if v.kernel is None:
+                raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             v.skipped = f"kernel {v.kernel!r} cannot run this model here: {msg}"
             live.remove(v)
@@ -183,8 +215,8 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
                     v.cpu_times[name].append(cpu)
             v.model.zero_grad(set_to_none=True)
 
-    say("memory: one more optimizer step each, under the profiler")
-    for v in live:
+    say("memory: " + ("not measured with compile" if compile else "one more optimizer step each, under the profiler"))
+    for v in ([] if compile else live):
         if v.kernel:
             v.model.set_kernel(v.kernel)
         v.memory = memory.measure_step(v.model, v.opt, batches[0], v.layers)
@@ -199,6 +231,7 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
     result = {"device": torch.cuda.get_device_name() if cuda else _cpu_name(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "spec": vars(spec), "lora_dropout": lora_dropout, "steps": steps, "warmup": warmup, "tokens_per_step": tokens,
+              "compile": compile_mode if compile else None,
               "memory": memory.HOW, "timer": "cuda events" if cuda else "perf_counter wall time",
               "cuda_memory": ("caching allocator peaks during one optimizer step above the levels "
                               "before it, after empty_cache and a peak reset") if cuda else None,
@@ -214,7 +247,9 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
                             "min_ratio_to_peft": mn / peft_min[p] if peft_min[p] > 0 else None,
                             "cpu_ratio_to_peft": cpu / peft_cpu[p] if peft_cpu[p] > 0 else None}
             entry["tokens_per_s"] = tokens / entry["optimizer step"]["median_s"]
-            entry["memory"] = v.memory.to_dict()
+            entry["first_step_s"], entry["first_step_cpu_s"] = v.first_step
+            entry["compile_s"] = (v.first_step[0] - entry["optimizer step"]["median_s"]) if compile else None
+            entry["memory"] = None if v.memory is None else v.memory.to_dict()
             if v.cuda_memory is not None:
                 entry["cuda_memory"] = v.cuda_memory
         result["variants"].append(entry)
@@ -272,6 +307,13 @@ def format_speed(result: dict, breakdown: bool = False) -> str:
              "of the median process CPU time (cpu ms: time actually computing, all threads; steadier "
              "than wall time on a shared machine); tokens/s from the median optimizer step"]
     notes += [f"{v['name']}: skipped ({v['skipped']})" for v in result["variants"] if v["skipped"]]
+    if result.get("compile"):
+        head += f"; torch.compile(model, mode={result['compile']!r}) on every side"
+        ran = [v for v in result["variants"] if not v["skipped"]]
+        notes.append("compile time (first optimizer step less the median one, wall): " + ", ".join(
+            f"{v['name']} {v['compile_s']:.1f} s" for v in ran))
+        return "\n".join([head, table(headers, rows)] + notes + ["", "memory: not measured with --compile "
+                                                                     "(its saved-tensor hooks would change the compiled graphs)"])
     out = [head, table(headers, rows)] + notes + ["", format_memory(result)]
     if breakdown:
         out += ["", format_breakdown(result)]

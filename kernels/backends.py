@@ -79,6 +79,10 @@ class TritonBackend(Backend):
         return launch.reason(call)
 
     def run(self, call: LoraCall) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the launchers behind an operator Dynamo can record (kernels/ops.py)
+            from .ops import triton_lora
+
+            return triton_lora(call, _seed_tensor(call.seed, call.x.device) if call.dropout_p else None)
         return LoraFunction.apply(call.x, call.A, call.B, call.bias, call, self)
 
     def forward(self, ctx, call: LoraCall) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 from .call import autocast_dtype
@@ -45,15 +46,22 @@ from .formats import DenseWeight, Quant4bitWeight
 def dequantize(weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """`reference.dequantize`, bit for bit; 4-bit records through bitsandbytes' kernel when it can.
 
-    Falls back to the spec whenever bitsandbytes cannot take the record (see `_bnb_args`).
+    Falls back to the spec whenever bitsandbytes cannot take the record (see `_bnb_takes`). Under
+    torch.compile a 4-bit record goes through the custom op `lorafuse::dequantize_4bit`
+    (kernels/ops.py), which runs this function: whether bitsandbytes' kernel gives the spec's bits
+    depends on the code table's values, which a traced function cannot read.
     """
     if isinstance(weight, DenseWeight):
         w = weight.weight
         return w if dtype is None or w.dtype == dtype else w.to(dtype)
     if isinstance(weight, Quant4bitWeight):
-        args = _bnb_args(weight)
-        if args is not None:
-            w = _BNB.dequantize_4bit(*args)  # [N, K] in weight.dtype
+        if torch.compiler.is_compiling():
+            from .ops import dequantize_4bit
+
+            w = dequantize_4bit(weight)  # [N, K] in weight.dtype
+            return w if dtype is None or w.dtype == dtype else w.to(dtype)
+        if _bnb_takes(weight):
+            w = _bnb_dequantize_4bit(weight)  # [N, K] in weight.dtype
             return w if dtype is None or w.dtype == dtype else w.to(dtype)
     return reference.dequantize(weight, dtype)
 
@@ -67,11 +75,11 @@ _BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _BNB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _bnb_args(weight: Quant4bitWeight):
-    """(packed [bytes, 1], QuantState) viewing the record's tensors, or None when bitsandbytes'
-    dequantize_4bit would not give exactly `reference.dequantize(weight)`. Memoised on the record."""
-    memo = weight.__dict__.get("_bnb_args", False)
-    if memo is not False:
+def _bnb_takes(weight: Quant4bitWeight) -> bool:
+    """True when bitsandbytes' 4-bit kernel gives exactly `reference.dequantize(weight)`.
+    Memoised on the record (the code-table check is also memoised per code tensor)."""
+    memo = weight.__dict__.get("_bnb_takes")
+    if memo is not None:
         return memo
     global _BNB
     if _BNB is None:
@@ -85,22 +93,34 @@ def _bnb_args(weight: Quant4bitWeight):
           # (K not a multiple of blocksize). Real layers have K a multiple of the blocksize.
           and weight.shape[1] % weight.blocksize == 0 and weight.dtype in _BNB_DTYPES
           and weight.shape[0] * weight.shape[1] > 1)
-    # bnb's kernels use their built-in table, not `code`: only take records that carry it
-    ok = ok and torch.equal(weight.code, _BNB.get_4bit_type(weight.quant_type, device=weight.code.device))
-    memo = None
-    if ok:
-        state2 = offset = None
-        if weight.nested is not None:
-            nest = weight.nested
-            state2 = _BNB.QuantState(absmax=nest.absmax, code=nest.code, blocksize=nest.blocksize,
-                                     dtype=torch.float32)
-            offset = nest.offset  # bnb adds it to the fp32 absmax: an fp32 add, as the spec's
-        state = _BNB.QuantState(absmax=weight.absmax, shape=torch.Size(weight.shape), code=weight.code,
-                                blocksize=weight.blocksize, quant_type=weight.quant_type, dtype=weight.dtype,
-                                offset=offset, state2=state2)
-        memo = (weight.packed_bytes.view(-1, 1), state)  # bnb's [bytes, 1] column
-    object.__setattr__(weight, "_bnb_args", memo)
-    return memo
+    ok = ok and _builtin_code(weight.code, weight.quant_type)
+    object.__setattr__(weight, "_bnb_takes", ok)
+    return ok
+
+
+def _bnb_dequantize_4bit(weight: Quant4bitWeight) -> torch.Tensor:
+    """W [N, K] in weight.dtype by bitsandbytes' ops, as `bitsandbytes.functional.dequantize_4bit`
+    runs them (without its QuantState objects: a few microseconds less per call)."""
+    absmax = weight.absmax  # fp32 [n_blocks], or uint8 codes with nested absmax
+    nest = weight.nested
+    if nest is not None:  # fp32 nest.code[q] * nest.absmax[i // nest.blocksize], then + offset in fp32
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, nest.absmax, nest.code,
+                                                                     nest.blocksize, torch.float32)
+        absmax += nest.offset
+    return torch.ops.bitsandbytes.dequantize_4bit(weight.packed_bytes, absmax, weight.blocksize,
+                                                          weight.quant_type, list(weight.shape), weight.dtype)
+
+
+_BUILTIN_CODE = WeakIdKeyDictionary()  # code tensor -> {quant_type: it holds bnb's table}
+
+
+def _builtin_code(code: torch.Tensor, quant_type: str) -> bool:
+    """True when `code` holds bitsandbytes' built-in `quant_type` table, which its kernels use
+    instead of `code`. A data-dependent check (a host sync on a GPU): once per code tensor."""
+    memo = _BUILTIN_CODE.setdefault(code, {})
+    if quant_type not in memo:
+        memo[quant_type] = torch.equal(code, _BNB.get_4bit_type(quant_type, device=code.device))
+    return memo[quant_type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +131,13 @@ def _quantized_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> 
     """x @ deq(W)^T + bias [..., N] with F.linear's own ops (mm / addmm on the 2-D view of x),
     written into a fresh tensor: F.linear on a 3-D x returns a view of its product, and the LoRA
     term is added into this output in place."""
-    w = dequantize(weight, x.dtype)  # [N, K], what bnb's MatMul4Bit multiplies by
     bias = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+    if torch.compiler.is_compiling() and isinstance(weight, Quant4bitWeight):
+        from .ops import matmul_4bit
+
+        y = matmul_4bit(x, weight, transpose=True)  # [..., N]; W never leaves the op (see there)
+        return y if bias is None else y + bias
+    w = dequantize(weight, x.dtype)  # [N, K], what bnb's MatMul4Bit multiplies by
     if x.dim() == 2:
         return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
     y = x.new_empty(*x.shape[:-1], w.shape[0])
@@ -182,7 +207,11 @@ def _exact_scale(s: float) -> bool:
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, like: torch.Tensor) -> torch.Tensor:
     """fl(a @ b) * s [m, n] for 2-D a, b: the scale in the BLAS alpha when it is a power of two (the
     same bits, no extra pass; `like` is any tensor of the result's shape and dtype, never read
-    with beta=0), else an in-place scale of the product."""
+    with beta=0), else an in-place scale of the product. Under torch.compile a plain product and
+    scale: Inductor fuses the scale into the pointwise pass that follows, while its addmm with
+    beta=0 first copies `like` into the output (an extra [m, n] pass)."""
+    if torch.compiler.is_compiling():
+        return a.mm(b) * s
     if _exact_scale(s) and like.dtype == a.dtype:
         return torch.addmm(like, a, b, beta=0, alpha=s)
     return a.mm(b).mul_(s)
@@ -196,7 +225,9 @@ def add_lora(y: torch.Tensor, xl: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     lora = _scaled_mm(_rows(u), B.t(), scaling, _rows(y))  # [M, N] LoRA dtype
     if y.dim() != 2:
         lora = lora.view(y.shape)
-    if lora.dtype == y.dtype and not y._is_view():  # (autograd forbids in-place on some views)
+    # in place unless y is a view (autograd forbids in-place on some views) or torch.compile traces
+    # this (Dynamo refuses a Function that marks its input dirty; the compiled graph is functional)
+    if lora.dtype == y.dtype and y._base is None and not torch.compiler.is_compiling():
         return y.add_(lora), u
     return (y + lora).to(y.dtype), u
 
@@ -269,10 +300,12 @@ class QuantizedLoraFunction(torch.autograd.Function):
 
     x_base is x behind a pass-through view recorded before the LoRA input xl (kernels/torch_ops.py
     lora_forward): the base term of x's gradient then reaches x after the LoRA term, as in peft's
-    graph, where the base layer's node runs after the LoRA branch's."""
+    graph, where the base layer's node runs after the LoRA branch's. xl=None: xl is x_base itself
+    (x needs no gradient; torch.compile refuses a tensor passed twice to a Function)."""
 
     @staticmethod
     def forward(ctx, x_base, xl, A, B, bias, weight, scaling: float):
+        xl = x_base if xl is None else xl
         y = _quantized_linear(x_base, weight, bias)  # [..., N]
         u = None
         if A is not None:
@@ -291,7 +324,13 @@ class QuantizedLoraFunction(torch.autograd.Function):
         if saved[2] is not None:
             dxl, dA, dB = lora_grads(saved, ctx.scaling, g, needs_dxl, needs_dA, needs_dB)
         if needs_dx:  # [..., K]: torch.matmul folds the leading dims into one mm, as bnb's backward
-            dx = torch.matmul(g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype), dequantize(ctx.weight, ctx.x_dtype))
+            gx = g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype)
+            if torch.compiler.is_compiling() and isinstance(ctx.weight, Quant4bitWeight):
+                from .ops import matmul_4bit
+
+                dx = matmul_4bit(gx, ctx.weight, transpose=False)
+            else:
+                dx = torch.matmul(gx, dequantize(ctx.weight, ctx.x_dtype))
         if needs_db:
             db = _rows(g).sum(0)  # [N]
             db = db if db.dtype == ctx.bias_dtype else db.to(ctx.bias_dtype)
@@ -313,7 +352,8 @@ def lora_forward(call) -> torch.Tensor:
         else:
             xl = x if x.dtype == A.dtype else x.to(A.dtype)
     if fused:
-        return QuantizedLoraFunction.apply(x_base, xl, A, call.B, call.bias, weight, call.scaling)
+        return QuantizedLoraFunction.apply(x_base, None if xl is x_base else xl, A, call.B, call.bias, weight,
+                                           call.scaling)
     if A is None:
         return y
     if torch.is_grad_enabled():

@@ -230,7 +230,12 @@ class LoraLinear(nn.Module):
         Rebuilding it (and re-validating it in `kernels`) every forward costs several microseconds
         per layer; `quant.base_weight_key` says when the cached one no longer describes the layer
         (weight or quant_state replaced, `.to()`, merge's re-quantization, bnb's CPU repacking).
+        Under torch.compile the record is built while tracing instead (it costs nothing at run
+        time there): Dynamo guards on every attribute it read, so a replaced weight or quant state
+        recompiles, and the key's data pointers, which Dynamo cannot read, are not needed.
         """
+        if torch.compiler.is_compiling():
+            return quant.base_weight(self.base_layer)
         key = quant.base_weight_key(self.base_layer)
         cache = self.__dict__.get("_record_cache")
         if cache is None or cache[0] != key:

@@ -123,7 +123,11 @@ def base_weight(layer: nn.Module):
     if _is_4bit(layer):
         _check_not_cpu_packed(layer)
         _check_storage_dtype(layer)
-        return Quant4bitWeight.from_bnb(layer.weight.data, _quant_state(layer))
+        # `.data` gives a plain tensor (Params4bit's __torch_function__ slows every op on it), but
+        # Dynamo recurses through that __torch_function__ on `.data`: while tracing, the parameter
+        # itself, as bitsandbytes' own forward reads it
+        packed = layer.weight if torch.compiler.is_compiling() else layer.weight.data
+        return Quant4bitWeight.from_bnb(packed, _quant_state(layer))
     if _is_int8(layer):
         return Int8Weight(CB=layer.weight.data, SCB=_int8_scb(layer))
     if isinstance(Conv1D, type) and isinstance(layer, Conv1D):

@@ -3,8 +3,10 @@ constexpr, the format-generic kernel arguments, and the "the kernels cannot read
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -33,7 +35,7 @@ class KernelArgs:
     code: torch.Tensor  # 4-bit code table, fp32 [16]
     nested_code: torch.Tensor  # double quantization: fp32 [256] table of the absmax codes
     nested_absmax: torch.Tensor  # double quantization: fp32 absmax of the absmax codes
-    nested_offset: float = 0.0
+    nested_offset: Union[float, torch.Tensor] = 0.0  # a 0-d fp32 tensor as bitsandbytes keeps it, or a float
     stride_wn: int = 0  # dense / int8 strides of W [N, K] (4-bit: flat, unused)
     stride_wk: int = 0
     nested: bool = False
@@ -43,5 +45,20 @@ class KernelArgs:
 
     def pointers(self) -> tuple:
         """The weight's positional kernel arguments, in load_w_tile's order."""
-        return (self.w, self.scale, self.code, self.nested_code, self.nested_absmax, self.nested_offset,
+        return (self.w, self.scale, self.code, self.nested_code, self.nested_absmax, host_float(self.nested_offset),
                 self.stride_wn, self.stride_wk)
+
+
+_HOST_FLOATS = WeakIdKeyDictionary()  # 0-d tensor -> its value as a Python float
+
+
+def host_float(value: Union[float, torch.Tensor]) -> float:
+    """A float, or a one-element tensor's value read on the host once per tensor (on a GPU a read
+    is a sync; the records keep bitsandbytes' offset as its 0-d tensor so that building one, also
+    while torch.compile traces, reads nothing). The tensor is taken as never modified in place."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    got = _HOST_FLOATS.get(value)
+    if got is None:
+        got = _HOST_FLOATS[value] = float(value)
+    return got

@@ -10,7 +10,7 @@ bitsandbytes' CPU-repacked layout (`quant_state.packing_format_for_cpu`, made in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -28,7 +28,7 @@ class NestedAbsmax:
     code: torch.Tensor  # fp32 [256]
     absmax: torch.Tensor  # fp32 [ceil(n_blocks / blocksize)]
     blocksize: int  # 256 in bitsandbytes
-    offset: float
+    offset: Union[float, torch.Tensor]  # a float, or bitsandbytes' own 0-d fp32 tensor (read without a host sync)
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class Quant4bitWeight:
         nested = None
         if qs.nested:
             s2 = qs.state2
-            nested = NestedAbsmax(code=s2.code, absmax=s2.absmax, blocksize=int(s2.blocksize),
-                                  offset=float(qs.offset))
+            # offset stays bnb's 0-d tensor: float() would be a host sync (a graph break under torch.compile)
+            nested = NestedAbsmax(code=s2.code, absmax=s2.absmax, blocksize=int(s2.blocksize), offset=qs.offset)
         return cls(packed=packed, absmax=qs.absmax, code=qs.code, blocksize=int(qs.blocksize),
                    shape=tuple(int(s) for s in qs.shape), quant_type=qs.quant_type, dtype=qs.dtype,
                    nested=nested)
@@ -119,6 +119,11 @@ class Quant4bitWeight:
                                  f"with {nest.code.numel()} entries (need fp32, 256), absmax {nest.absmax.dtype} "
                                  f"with {nest.absmax.numel()} (need fp32, ceil({n_blocks}/{nest.blocksize}))")
             devices |= {nest.code.device, nest.absmax.device}
+            if isinstance(nest.offset, torch.Tensor):
+                if nest.offset.numel() != 1 or nest.offset.dtype != torch.float32:
+                    raise ValueError(f"NestedAbsmax.offset must be a float or a one-element fp32 tensor, got "
+                                     f"{nest.offset.dtype} {tuple(nest.offset.shape)}")
+                devices.add(nest.offset.device)
         if len(devices) > 1:
             raise ValueError(f"Quant4bitWeight buffers are on several devices {sorted(map(str, devices))}: "
                              "move them to one")

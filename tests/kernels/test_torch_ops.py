@@ -25,6 +25,8 @@ def test_spec_dequantize_never_calls_bitsandbytes(monkeypatch):
 
     monkeypatch.setattr(bnbF, "dequantize_4bit", boom)
     monkeypatch.setattr(bnbF, "dequantize_blockwise", boom)
+    for op in ("dequantize_4bit", "dequantize_blockwise"):  # what torch_ops.dequantize calls
+        monkeypatch.setattr(torch.ops.bitsandbytes, op, boom)
     assert reference.dequantize(weight).shape == (16, 64)
     with pytest.raises(AssertionError, match="bitsandbytes called"):
         torch_ops.dequantize(weight)
@@ -39,7 +41,7 @@ def test_spec_dequantize_never_calls_bitsandbytes(monkeypatch):
 def test_dequantize_equals_spec(shape, quant_type, nested, dtype):
     weight, _ = quantize_4bit(torch.randn(*shape, dtype=dtype), quant_type, nested)
     fast = torch_ops.dequantize(weight)
-    took_bnb = weight.__dict__["_bnb_args"] is not None
+    took_bnb = weight.__dict__["_bnb_takes"]
     assert took_bnb == (shape[1] % weight.blocksize == 0), "fast path taken/declined wrongly"
     spec = reference.dequantize(weight)
     assert fast.dtype == spec.dtype == dtype and torch.equal(fast, spec)
@@ -52,7 +54,7 @@ def test_dequantize_equals_spec(shape, quant_type, nested, dtype):
 def test_bnb_cpu_kernel_is_wrong_for_blocks_straddling_rows():
     """Why the fast path declines K % blocksize != 0: there bnb's own CPU dequantization does not
     invert its quantizer (the spec, with flat blocks, does). If a bnb upgrade fixes this, this test
-    fails, and the restriction in `torch_ops._bnb_args` can go."""
+    fails, and the restriction in `torch_ops._bnb_takes` can go."""
     # rows of very different scale: a wrong absmax shows as an error of the large row's size
     W = torch.randn(3, 96) * torch.tensor([[0.01], [1.0], [0.01]])
     weight, (packed, st) = quantize_4bit(W, "nf4", nested=False)
@@ -69,7 +71,7 @@ def test_dequantize_falls_back_for_a_table_bnb_would_ignore():
     other = Quant4bitWeight(packed=weight.packed, absmax=weight.absmax, code=weight.code.flip(0),
                             blocksize=weight.blocksize, shape=weight.shape, quant_type="nf4", dtype=weight.dtype)
     got = torch_ops.dequantize(other)
-    assert other.__dict__["_bnb_args"] is None
+    assert other.__dict__["_bnb_takes"] is False
     assert torch.equal(got, reference.dequantize(other))
     assert not torch.equal(got, reference.dequantize(weight))  # the table really matters here
 
