@@ -99,18 +99,24 @@ def _dequantize_4bit(fmt: str, tensors: list[Optional[Tensor]], ints: list[int],
     return w.clone() if w._base is not None else w  # an operator's output may not alias an input
 
 
-def _matmul_4bit_fake(a, transpose, fmt, tensors, ints, quant_type, dtype):
+def _matmul_4bit_fake(a, transpose, bias, u, up, scaling, fmt, tensors, ints, quant_type, dtype):
     n, k = ints[:2]
     return a.new_empty((*a.shape[:-1], n if transpose else k))
 
 
 @_register("matmul_4bit", _matmul_4bit_fake)
-def _matmul_4bit(a: Tensor, transpose: bool, fmt: str, tensors: list[Optional[Tensor]], ints: list[int],
-                 quant_type: str, dtype: torch.dtype) -> Tensor:
+def _matmul_4bit(a: Tensor, transpose: bool, bias: Optional[Tensor], u: Optional[Tensor], up: Optional[Tensor],
+                 scaling: float, fmt: str, tensors: list[Optional[Tensor]], ints: list[int], quant_type: str,
+                 dtype: torch.dtype) -> Tensor:
     from .torch_ops import dequantize
 
     w = dequantize(unflatten(fmt, tensors, ints, quant_type, dtype), a.dtype)  # [N, K] a.dtype
-    return torch.matmul(a, w.t() if transpose else w)
+    a2 = a.reshape(-1, a.shape[-1])  # [M, K] (transpose) or [M, N]
+    w = w.t() if transpose else w
+    out = a2.mm(w) if bias is None else torch.addmm(bias, a2, w)  # [M, N] or [M, K]
+    if u is not None:
+        out.addmm_(u.reshape(-1, u.shape[-1]), up, alpha=scaling)  # + scaling * u [M, r] @ up [r, out]
+    return out.view(*a.shape[:-1], out.shape[-1])
 
 
 def dequantize_4bit(weight: Quant4bitWeight) -> Tensor:
@@ -118,12 +124,18 @@ def dequantize_4bit(weight: Quant4bitWeight) -> Tensor:
     return _dequantize_4bit(*flatten(weight))
 
 
-def matmul_4bit(a: Tensor, weight: Quant4bitWeight, transpose: bool) -> Tensor:
-    """a @ W^T [..., N] (transpose; a [..., K]) or a @ W [..., K] (a [..., N]), W dequantized to
-    a.dtype inside `lorafuse::matmul_4bit`: W [N, K] is then never a value of the compiled graph,
-    which therefore cannot keep it from forward to backward (with a separate dequantization op,
-    AOTAutograd merges the forward's and the backward's calls into one and saves W)."""
-    return _matmul_4bit(a, transpose, *flatten(weight))
+def matmul_4bit(a: Tensor, weight: Quant4bitWeight, transpose: bool, bias: Optional[Tensor] = None,
+                u: Optional[Tensor] = None, up: Optional[Tensor] = None, scaling: float = 1.0) -> Tensor:
+    """a @ W^T [..., N] (transpose; a [..., K]) or a @ W [..., K] (a [..., N]), + bias (in a.dtype),
+    + scaling * u @ up (u [..., r], up [r, N or K], both in a.dtype), with W dequantized to a.dtype
+    inside `lorafuse::matmul_4bit`.
+
+    W [N, K] is then never a value of the compiled graph, which therefore cannot keep it from
+    forward to backward (with a separate dequantization op, AOTAutograd merges the forward's and
+    the backward's calls into one and saves W). The u @ up term is accumulated into the product
+    in place by the BLAS (one read and write of the output; Inductor's fused add of a separate
+    product reads two [M, N] tensors and the product writes one more)."""
+    return _matmul_4bit(a, transpose, bias, u, up, scaling, *flatten(weight))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,11 +132,12 @@ def _quantized_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> 
     written into a fresh tensor: F.linear on a 3-D x returns a view of its product, and the LoRA
     term is added into this output in place."""
     bias = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-    if torch.compiler.is_compiling() and isinstance(weight, Quant4bitWeight):
-        from .ops import matmul_4bit
+    if torch.compiler.is_compiling():  # W never leaves the op (kernels/ops.py says why)
+        if isinstance(weight, Quant4bitWeight):
+            from .ops import matmul_4bit
 
-        y = matmul_4bit(x, weight, transpose=True)  # [..., N]; W never leaves the op (see there)
-        return y if bias is None else y + bias
+            return matmul_4bit(x, weight, True, bias)  # [..., N]
+        return F.linear(x, dequantize(weight, x.dtype), bias)
     w = dequantize(weight, x.dtype)  # [N, K], what bnb's MatMul4Bit multiplies by
     if x.dim() == 2:
         return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
@@ -237,10 +238,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def lora_grads(saved, s: float, g: torch.Tensor, needs_dxl: bool, needs_dA: bool, needs_dB: bool):
+def lora_grads(saved, s: float, g: torch.Tensor, needs_dxl: bool, needs_dA: bool, needs_dB: bool,
+               v_for_dxl: bool = False):
     """(dxl [..., K], dA [r, K], dB [N, r]) of y + s * (xl @ A^T) @ B^T for g [..., N], in peft's
     autograd order (g * s first); a power-of-two s goes into the BLAS alpha of the thin products
-    instead (the same bits, no [M, N] pass). saved: the forward's (xl, u, A, B)."""
+    instead (the same bits, no [M, N] pass). saved: the forward's (xl, u, A, B). v_for_dxl: give
+    v = s * g @ B [M, r] in dxl's place (dxl = v @ A, for a caller that adds it into dx itself)."""
     xl, u, A, B = saved
     gl = _rows(g) if g.dtype == A.dtype else _rows(g).to(A.dtype)  # [M, N]
     u2, x2 = _rows(u), _rows(xl)  # [M, r], [M, K]
@@ -252,6 +255,8 @@ def lora_grads(saved, s: float, g: torch.Tensor, needs_dxl: bool, needs_dA: bool
         v, dB = gs.mm(B), (gs.t().mm(u2) if needs_dB else None)
     dA = v.t().mm(x2) if needs_dA else None  # [r, K]
     dxl = None
+    if v_for_dxl:
+        return v, dA, dB
     if needs_dxl:
         dxl = v.mm(A)  # [M, K]
         dxl = dxl if xl.dim() == 2 else dxl.view(xl.shape)
@@ -301,15 +306,29 @@ class QuantizedLoraFunction(torch.autograd.Function):
     x_base is x behind a pass-through view recorded before the LoRA input xl (kernels/torch_ops.py
     lora_forward): the base term of x's gradient then reaches x after the LoRA term, as in peft's
     graph, where the base layer's node runs after the LoRA branch's. xl=None: xl is x_base itself
-    (x needs no gradient; torch.compile refuses a tensor passed twice to a Function)."""
+    (torch.compile refuses a tensor passed twice to a Function).
+
+    Under torch.compile, with a 4-bit W and the LoRA weights in x's dtype, the up-projection is
+    accumulated into the base product inside `lorafuse::matmul_4bit` (one pass over y [M, N]
+    instead of the three of Inductor's product-then-add), and so is v @ A into dx in backward
+    when xl is x_base itself (no dropout)."""
 
     @staticmethod
     def forward(ctx, x_base, xl, A, B, bias, weight, scaling: float):
+        fused = (A is not None and A.dtype == x_base.dtype and isinstance(weight, Quant4bitWeight)
+                 and torch.compiler.is_compiling())
+        ctx.fused_dx = fused and xl is None
         xl = x_base if xl is None else xl
-        y = _quantized_linear(x_base, weight, bias)  # [..., N]
         u = None
-        if A is not None:
-            y, u = add_lora(y, xl, A, B, scaling)
+        if fused:
+            from .ops import matmul_4bit
+
+            u = F.linear(xl, A)  # [..., r]
+            y = matmul_4bit(x_base, weight, True, bias, u, B.t(), scaling)  # [..., N]
+        else:
+            y = _quantized_linear(x_base, weight, bias)  # [..., N]
+            if A is not None:
+                y, u = add_lora(y, xl, A, B, scaling)
         ctx.save_for_backward(xl if A is not None else None, u, A, B)
         ctx.weight, ctx.scaling, ctx.x_dtype = weight, scaling, x_base.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -322,13 +341,16 @@ class QuantizedLoraFunction(torch.autograd.Function):
         dxl = dA = dB = dx = db = None
         saved = ctx.saved_tensors  # (xl, u, A, B); read once (checkpointing unpacks each once)
         if saved[2] is not None:
-            dxl, dA, dB = lora_grads(saved, ctx.scaling, g, needs_dxl, needs_dA, needs_dB)
+            dxl, dA, dB = lora_grads(saved, ctx.scaling, g, needs_dxl, needs_dA, needs_dB,
+                                     v_for_dxl=ctx.fused_dx and needs_dx)
         if needs_dx:  # [..., K]: torch.matmul folds the leading dims into one mm, as bnb's backward
             gx = g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype)
             if torch.compiler.is_compiling() and isinstance(ctx.weight, Quant4bitWeight):
                 from .ops import matmul_4bit
 
-                dx = matmul_4bit(gx, ctx.weight, transpose=False)
+                v = dxl if ctx.fused_dx else None  # [M, r]: dx = g @ W + v @ A in one pass
+                dx = matmul_4bit(gx, ctx.weight, False, None, v, saved[2] if ctx.fused_dx else None, 1.0)
+                dxl = None if ctx.fused_dx else dxl
             else:
                 dx = torch.matmul(gx, dequantize(ctx.weight, ctx.x_dtype))
         if needs_db:
@@ -341,8 +363,8 @@ def lora_forward(call) -> torch.Tensor:
     """y [..., N] for a validated LoraCall: peft's graph (module doc), autograd-tracked when enabled."""
     x, A, weight = call.x, call.A, call.weight
     fused = torch.is_grad_enabled() and not isinstance(weight, DenseWeight)  # a quantized base, training
-    if fused:  # x_base first: see QuantizedLoraFunction
-        x_base = x.view_as(x) if x.requires_grad else x
+    if fused:  # x_base first: see QuantizedLoraFunction (the order of the two terms is Inductor's when compiled)
+        x_base = x.view_as(x) if x.requires_grad and not torch.compiler.is_compiling() else x
     else:
         y = base_linear(x, weight, call.bias)  # [..., N] x.dtype, recorded first, as peft's base_layer(x)
     xl = None
