@@ -87,8 +87,9 @@ def _name(i: int) -> str:
 
 def _save_trainable(accelerator, model, path: Path) -> None:
     """Every process calls this (under FSDP the gather is a collective); the main one writes."""
+    plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # names without torch.compile's prefix
     trainable = {n: fsdp.full_tensor(p.detach()).cpu().contiguous()
-                 for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+                 for n, p in plain.named_parameters() if p.requires_grad}
     if accelerator.is_main_process:
         save_file(trainable, str(path), metadata={"format": "pt"})
         os.chmod(path, 0o644)  # safetensors creates 0600; match the files Accelerate writes
@@ -96,7 +97,7 @@ def _save_trainable(accelerator, model, path: Path) -> None:
 
 def _load_trainable(accelerator, model, path: Path) -> None:
     state = load_file(str(path))
-    params = dict(accelerator.unwrap_model(model).named_parameters())
+    params = dict(accelerator.unwrap_model(model, keep_torch_compile=False).named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     unexpected = [n for n in state if n not in params]
     if missing or unexpected:

@@ -145,6 +145,10 @@ class TrainConfig:
                                 ("linear", "cosine", "constant", "constant_with_warmup"))
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (<= 0: no clipping)")
     mixed_precision: str = _f("no", "autocast dtype for the forward", ("no", "fp16", "bf16"))
+    torch_compile: bool = _f(False, "compile the model with torch.compile (Inductor) before training, as "
+                             "transformers' --torch_compile; the LoRA layers compile without graph breaks")
+    torch_compile_mode: str = _f("default", "torch.compile mode with --torch-compile",
+                                 ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     cpu_threads: int = _f(0, "torch CPU threads per process; 0 = auto (1 for the built-in tiny model, "
                           "whose ops are too small to split; torch's default otherwise)", ge=0)
     seed: int = _f(42, "seed for the model init, LoRA init, data order and dropout", ge=0, le=SEED_MAX)
@@ -182,6 +186,7 @@ RESUME_MAY_CHANGE = frozenset({
     "per_device_eval_batch_size", "tag_eval_samples", "num_sample_generations", "max_new_tokens",  # eval
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "merge", "report_to",  # outputs
     "cpu_threads", "kernel", "gradient_checkpointing",                    # speed/memory, same math
+    "torch_compile", "torch_compile_mode",            # the same math, compiled (other roundings)
     "fsdp", "bnb_4bit_quant_storage",                # sharding, the packed bytes' dtype: same math
 })
 
@@ -263,6 +268,12 @@ def check_method(cfg: TrainConfig) -> None:
                          f"not a weight change, so there is no merged model; drop --merge")
     if cfg.prompt_tuning_init == "TEXT" and not cfg.prompt_tuning_init_text.strip():
         raise TrainError("--prompt-tuning-init TEXT needs --prompt-tuning-init-text")
+    if cfg.torch_compile and cfg.method != "lora":
+        raise TrainError(f"--torch-compile with --method {cfg.method}: compiled training is built and tested for "
+                         f"--method lora (adalora's rank pruning would recompile at every allocation); use "
+                         f"--method lora or no --torch-compile")
+    if cfg.torch_compile_mode != "default" and not cfg.torch_compile:
+        raise TrainError(f"--torch-compile-mode {cfg.torch_compile_mode} needs --torch-compile")
 
 
 def resume_mismatches(stored: dict, cfg: TrainConfig) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -96,6 +96,9 @@ def preflight(cfg: TrainConfig) -> Path | None:
         if problem:
             raise TrainError(problem)
     fsdp.check(cfg)
+    if cfg.torch_compile and fsdp.wanted(cfg):
+        raise TrainError("--torch-compile with FSDP: compiled sharded training was not built or tested here; "
+                         "use one of them")
     if cfg.report_to == "tensorboard" and not _tensorboard_installed():
         raise TrainError("--report-to tensorboard needs the tensorboard package; install it or use "
                          "--report-to auto")
@@ -134,6 +137,21 @@ def _triton_precision_problem(cfg: TrainConfig) -> str | None:
         return ("--kernel triton takes fp16/bf16 activations, and without autocast they are fp32: add "
                 "--mixed-precision bf16, or use --kernel auto")
     return None
+
+
+def _bare(accelerator, model):
+    """The LoraModel inside Accelerate's wrappers, torch.compile's included (generation and saving
+    run eagerly, under the model's own parameter names)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def _dynamo_plugin(cfg: TrainConfig) -> TorchDynamoPlugin:
+    """--torch-compile: prepare() compiles the model with Inductor (as transformers' Trainer has
+    Accelerate do). dynamic=None: a batch of a new sequence length recompiles once, with that
+    dimension dynamic from then on. Without the flag, Accelerate's own default (its environment)."""
+    if not cfg.torch_compile:
+        return TorchDynamoPlugin()
+    return TorchDynamoPlugin(backend="inductor", mode=cfg.torch_compile_mode, dynamic=None)
 
 
 def _check_writable(out: Path) -> None:
@@ -180,7 +198,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
         log_with="tensorboard" if use_tb else None, project_dir=str(out),
         # torchrun on a machine without GPUs: Accelerate picks gloo (MULTI_CPU) only when told cpu.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        fsdp_plugin=fsdp_plugin)
+        fsdp_plugin=fsdp_plugin, dynamo_plugin=_dynamo_plugin(cfg))
     fsdp.enable_on_cpu(accelerator, fsdp_plugin)
     sharded = fsdp.is_sharded(accelerator)
     main = accelerator.is_main_process
@@ -403,7 +421,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
             samples = []
             k = min(cfg.num_sample_generations, len(prompts))
             if (main or sharded) and k:  # under FSDP every process takes part in each forward
-                gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts[:k],
+                gen = generate_completions(_bare(accelerator, model), tokenizer, prompts[:k],
                                            cfg.max_new_tokens, seq2seq, synced_gpus=sharded)
                 samples = [{"prompt": p, "generated": g, "reference": r}
                            for p, g, r in zip(prompts[:k], gen, refs[:k])] if main else []
@@ -413,7 +431,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
             # main process to write them; nothing else runs a forward meanwhile.
             with fsdp.whole_trainable(model) if sharded else contextlib.nullcontext():
                 if main:
-                    failure = _write_outputs(cfg, accelerator.unwrap_model(model), tokenizer, out, log, step,
+                    failure = _write_outputs(cfg, _bare(accelerator, model), tokenizer, out, log, step,
                                              last_ckpt, replacing)
             _raise_if_any(accelerator, failure)  # every process stops when the main one could not write
         except KeyboardInterrupt:
@@ -543,7 +561,7 @@ def _tag_score(accelerator, model, tokenizer, prompts, refs, cfg, seq2seq) -> fl
     score = torch.zeros((), device=accelerator.device)
     sharded = fsdp.is_sharded(accelerator)
     if accelerator.is_main_process or sharded:
-        gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts,
+        gen = generate_completions(_bare(accelerator, model), tokenizer, prompts,
                                    cfg.max_new_tokens, seq2seq, synced_gpus=sharded)
         if accelerator.is_main_process:
             score += exact_match(gen, refs)
