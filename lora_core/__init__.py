@@ -6,13 +6,15 @@ model, merge and adapter combination, and PEFT-format adapter files.
     model.print_trainable_parameters()
 """
 from .adapters import LoraAdapter
-from .config import LoraConfig
+from .config import LoftQConfig, LoraConfig
+from .dora import DoraAdapter
 from .inject import ModulesToSave, find_targets, inject_lora
 from .layer import LoraLinear
 from .model import LoraModel, get_lora_model
+from .optim import create_loraplus_optimizer
 from .prepare import prepare_model_for_kbit_training
 from .status import TunerLayerStatus, TunerModelStatus
 
 __all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapter",
            "prepare_model_for_kbit_training", "ModulesToSave", "find_targets", "inject_lora",
-           "TunerLayerStatus", "TunerModelStatus"]
+           "TunerLayerStatus", "TunerModelStatus", "DoraAdapter", "LoftQConfig", "create_loraplus_optimizer"]

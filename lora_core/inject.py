@@ -16,6 +16,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+import kernels
+
+from . import init as lora_init
 from . import quant
 from .adapters import build_adapter
 from .config import ALL_LINEAR, LoraConfig, default_target_modules
@@ -237,8 +240,14 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     names = find_targets(model, config) if targets is None else targets
     active = [adapter_name] if active is None else list(active)
     conv1d = getattr(quant, "Conv1D", ())
+    for name in names:  # what an init needs of each base layer, before anything is built
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        lora_init.check_layer(config, name, base, pattern_value(config.rank_pattern, name, config.r))
     # Build every new adapter and layer first, then swap: a failure while building changes nothing.
-    new_layers, new_adapters, flipped = {}, {}, []
+    # Data-dependent inits (PiSSA, OLoRA, LoftQ) compute A and B here, layer by layer as peft does
+    # (so pissa_niter's random draws come in peft's order), and rewrite the bases after the swap.
+    new_layers, new_adapters, flipped, rewrites = {}, {}, [], []
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
@@ -246,6 +255,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                 raise ValueError(f"layer {name!r} already holds an adapter named {adapter_name!r}")
             new_adapters[name] = build_adapter(config, name, module.in_features, module.out_features,
                                                lora_dtype, _device_of(module.base_layer))
+            rewrites.append(lora_init.prepare(new_adapters[name], config, module.base_layer))
             continue
         is_conv1d = isinstance(conv1d, type) and isinstance(module, conv1d)
         fan_in_fan_out = config.fan_in_fan_out
@@ -254,6 +264,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             fan_in_fan_out = is_conv1d
         k_in, n_out = quant.in_out_features(module)
         adapter = build_adapter(config, name, k_in, n_out, lora_dtype, _device_of(module))
+        rewrites.append(lora_init.prepare(adapter, config, module))
         new_layers[name] = LoraLinear(module, fan_in_fan_out=fan_in_fan_out, kernel=kernel,
                                       adapter_name=adapter_name, adapter=adapter)
     if flipped:
@@ -267,6 +278,14 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         _set_submodule(model, name, layer)
     for name, adapter in new_adapters.items():
         model.get_submodule(name).add_adapter(adapter_name, adapter)
+    for rewrite in rewrites:  # the residual W - scaling * B @ A (PiSSA, OLoRA) or LoftQ's Q
+        if rewrite is not None:
+            rewrite.apply()
+    for name in names:  # DoRA's magnitude from the (rewritten) base: ||W + scaling * B @ A|| per row
+        layer = model.get_submodule(name)
+        adapter = layer.adapters[adapter_name]
+        if hasattr(adapter, "init_magnitude"):
+            adapter.init_magnitude(kernels.dequantize(layer._base_record()))
     for name in save_names:
         module = model.get_submodule(name)
         source = (copy_from or {}).get(name)

@@ -14,6 +14,8 @@ no adapter name in any key):
 
     base_model.model.P.lora_A.weight     [r, in]     every LoRA layer holding the adapter
     base_model.model.P.lora_B.weight     [out, r]
+    base_model.model.P.lora_B.bias       [out]       lora_bias=True
+    base_model.model.P.lora_magnitude_vector [out]   use_dora=True (DoRA's magnitude)
     base_model.model.P.base_layer.bias   [out]       bias="lora_only": biases of those LoRA layers
     base_model.model.<any>.bias                      bias="all": every ".bias" of the model, under
                                                      its module path (P.base_layer.bias for LoRA
@@ -22,8 +24,8 @@ no adapter name in any key):
                                                      modules_to_save module X)
     base_model.model.X.<name>                        modules_to_save X: the adapter's trained copy
 
-In memory the same tensors are `P.adapters.<adapter>.lora_A.weight` and
-`X.modules_to_save.<adapter>.<name>`. Loading checks every key, shape and value (finite) against
+In memory the same tensors are `P.adapters.<adapter>.<name>` (every parameter of the adapter
+module under peft's name) and `X.modules_to_save.<adapter>.<name>`. Loading checks every key, shape and value (finite) against
 the model *before* anything is injected, so an adapter that does not fit raises ValueError (naming
 the modules, keys and shapes) and leaves the model exactly as it was. Saving checks everything
 first, writes into a temporary directory beside the target and renames into place, so a failure
@@ -47,7 +49,8 @@ from torch import nn
 
 from . import quant
 from .config import LoraConfig
-from .inject import ModulesToSave, find_targets, modules_to_save_names, pattern_value
+from .adapters import build_adapter
+from .inject import ModulesToSave, find_targets, modules_to_save_names
 from .layer import LoraLinear
 from .model import LoraModel, _check_adapter_name, get_lora_model
 
@@ -70,8 +73,10 @@ def adapter_state_dict(model: LoraModel, adapter_name: str = DEFAULT) -> dict[st
     mts = _modules_to_save(hf)
     out: dict[str, torch.Tensor] = {}
     for path, layer in layers.items():
-        out[f"{path}.lora_A.weight"] = layer.adapters[adapter_name].lora_A.weight  # [r, in]
-        out[f"{path}.lora_B.weight"] = layer.adapters[adapter_name].lora_B.weight  # [out, r]
+        # peft's names under the module path: lora_A.weight [r, in], lora_B.weight [out, r], and
+        # with the variants lora_B.bias [out] (lora_bias), lora_magnitude_vector [out] (DoRA)
+        for name, t in layer.adapters[adapter_name].named_parameters():
+            out[f"{path}.{name}"] = t
     if cfg.bias == "all":
         # peft keeps every state-dict key ending in ".bias", wherever it lives.
         for key, t in _tensors(hf):
@@ -139,11 +144,16 @@ def _to_disk_name(key: str, mts, adapter_name: str) -> Optional[str]:
 
 
 # ---- save ------------------------------------------------------------------------------------------
-def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequence[str]] = None) -> Path:
+def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequence[str]] = None,
+                  initial: Optional[PathLike] = None) -> Path:
     """Write `model`'s adapters to `directory` in peft's layout; returns the directory.
 
-    selected: the adapter names to write (default: all). Everything is checked first: the names,
-    that each adapter is on at least one layer, finite tensors, no file in a subfolder's place.
+    selected: the adapter names to write (default: all). initial: peft's
+    path_initial_model_for_weight_conversion, the folder holding the adapter as it was right after
+    a PiSSA / OLoRA init: the one adapter saved is then converted to a rank-2r LoRA adapter for the
+    original base (lora_core.init; the initial folder is only read). Everything is checked first:
+    the names, that each adapter is on at least one layer, finite tensors, no file in a
+    subfolder's place.
     Files are written into a temporary directory beside the target, then renamed into place;
     other files already in `directory` (a tokenizer, a README, other adapters) are kept. On any
     error the previous adapter files, if any, are left as they were.
@@ -156,9 +166,15 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
     model._check_known(names)
     if not names:
         raise ValueError("selected_adapters is empty: nothing to save")
+    if initial is not None and len(names) != 1:
+        raise ValueError(f"path_initial_model_for_weight_conversion converts one adapter, but {names} are "
+                         f"selected. Fix: pass selected_adapters=[name].")
     payload = {}  # folder relative to target ("" = root) -> (config dict, tensors)
     for name in names:
         tensors = _for_safetensors(adapter_state_dict(model, name))
+        config = model.peft_config[name]
+        if initial is not None:
+            tensors, config = _converted(model, name, tensors, initial, target)
         if not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors):
             raise ValueError(f"adapter {name!r} is on no layer of this model (merge_and_unload() or unload() "
                              f"removed the LoRA layers): there is nothing to save; {str(target)!r} was not "
@@ -170,7 +186,7 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
         sub = "" if name == DEFAULT else name
         if sub and (target / sub).exists() and not (target / sub).is_dir():
             raise NotADirectoryError(f"cannot save adapter {name!r} to {str(target / sub)!r}: it is a file")
-        payload[sub] = (_config_for_disk(model, name), tensors)
+        payload[sub] = (_config_for_disk(model, config), tensors)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target (same filesystem, so the renames are atomic); os.mkdir honours the umask,
@@ -198,8 +214,32 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _config_for_disk(model: LoraModel, name: str) -> dict:
-    config = model.peft_config[name].to_dict()
+def _converted(model: LoraModel, name: str, tensors: dict, initial: PathLike, target: Path):
+    """(tensors, config) of adapter `name` converted against the initial adapter in `initial`."""
+    from . import init as lora_init
+
+    config = model.peft_config[name]
+    problem = lora_init.conversion_problem(config)
+    if problem:
+        raise ValueError(f"path_initial_model_for_weight_conversion: adapter {name!r} cannot be converted: "
+                         f"{problem}. Nothing was written.")
+    init_dir = _local_dir(initial, need_weights=True)
+    if init_dir.resolve() == target.resolve():
+        raise ValueError(f"path_initial_model_for_weight_conversion={str(initial)!r} is the folder being "
+                         f"written; it would overwrite the initial adapter. Fix: save elsewhere.")
+    first = read_config(init_dir)
+    same = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    diff = [k for k in same if getattr(first, k) != getattr(config, k)]
+    if diff:
+        raise ValueError(f"the initial adapter in {str(init_dir)!r} has other {diff} than adapter {name!r} "
+                         f"({[getattr(first, k) for k in diff]} vs {[getattr(config, k) for k in diff]}). "
+                         f"Fix: pass the folder saved right after this adapter's init.")
+    lora_init.warn_quantized_conversion(model)
+    return lora_init.convert_to_lora(tensors, _read_weights(init_dir)), lora_init.converted_config(config)
+
+
+def _config_for_disk(model: LoraModel, config: LoraConfig) -> dict:
+    config = config.to_dict()
     if not config.get("base_model_name_or_path"):
         hf = model.base_model
         config["base_model_name_or_path"] = (getattr(hf, "name_or_path", None)
@@ -328,6 +368,8 @@ def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
         raise ValueError(f"adapter {str(where)!r} does not fit this {type(tree).__name__}; the model "
                          f"was not changed. {e}") from e
     expected = _expected_tensors(tree, config, targets, mts, adapter_name)  # model key -> (shape, dtype)
+    lora_keys = _adapter_keys(tree, config, targets, adapter_name)          # disk key -> model key
+    disk_of = {v: k for k, v in lora_keys.items()}
 
     plan: dict[str, str] = {}
     unexpected, bad_shape, quantized = [], [], []
@@ -336,19 +378,19 @@ def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
         if not disk_key.startswith(PREFIX):
             unexpected.append(f"{disk_key} (peft keys start with {PREFIX!r})")
             continue
-        key = _from_disk_name(disk_key[len(PREFIX):], mts, adapter_name)
+        key = lora_keys.get(disk_key[len(PREFIX):]) or _from_disk_name(disk_key[len(PREFIX):], mts, adapter_name)
         if key not in expected:
             unexpected.append(disk_key[len(PREFIX):])
             continue
         seen.add(key)
         shape, dtype = expected[key]
         if list(t.shape) != list(shape):
-            bad_shape.append(_shape_msg(key, disk_key[len(PREFIX):], list(t.shape), list(shape)))
+            bad_shape.append(_shape_msg(key, disk_key[len(PREFIX):], list(t.shape), list(shape), disk_of))
         elif not dtype.is_floating_point:
             quantized.append(key)
         else:
             plan[disk_key] = key
-    required = [f"{p}.adapters.{adapter_name}.lora_{ab}.weight" for p in sorted(targets) for ab in "AB"]
+    required = sorted(disk_of)  # every tensor of the adapter (A, B; DoRA's magnitude; lora_B's bias)
     required += [k for k in expected if any(k.startswith(f"{x}.modules_to_save.{adapter_name}.") for x in mts)]
     missing = [k for k in required if k not in seen]
 
@@ -361,7 +403,7 @@ def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
                          f"({len(unexpected)}):\n  " + "\n  ".join(sorted(unexpected)[:20]))
         if missing:
             parts.append(f"weights the adapter lacks for modules the config adapts ({len(missing)}):\n  "
-                         + "\n  ".join(_disk_name_of(k, adapter_name) for k in missing[:20]))
+                         + "\n  ".join(disk_of.get(k) or _disk_name_of(k, adapter_name) for k in missing[:20]))
         if quantized:
             parts.append("tensors for quantized base weights (cannot be loaded into bitsandbytes storage):"
                          "\n  " + "\n  ".join(quantized[:20]))
@@ -378,13 +420,9 @@ def _expected_tensors(tree: nn.Module, config: LoraConfig, targets: set[str], mt
     """{key in the model once the adapter is added: (shape, dtype)} for every tensor a file may
     give: the adapter's LoRA weights and modules_to_save copies, and the base model's tensors."""
     out = {}
-    for path in targets:
-        module = tree.get_submodule(path)
-        k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
-                       else quant.in_out_features(module))
-        r = pattern_value(config.rank_pattern, path, config.r)
-        out[f"{path}.adapters.{adapter_name}.lora_A.weight"] = ((r, k_in), torch.float32)
-        out[f"{path}.adapters.{adapter_name}.lora_B.weight"] = ((n_out, r), torch.float32)
+    for path, adapter in _shape_only_adapters(tree, config, targets).items():
+        for name, p in adapter.named_parameters():
+            out[f"{path}.adapters.{adapter_name}.{name}"] = (tuple(p.shape), torch.float32)
     for key, t in _plain_tensors(tree):
         module_path, _, name = key.rpartition(".")
         spec = (tuple(t.shape), t.dtype)
@@ -402,6 +440,28 @@ def _expected_tensors(tree: nn.Module, config: LoraConfig, targets: set[str], mt
     return out
 
 
+def _shape_only_adapters(tree: nn.Module, config: LoraConfig, targets: set[str]) -> dict[str, nn.Module]:
+    """{path: the adapter `config` would put there}, built on the meta device (shapes only: no
+    memory, no random draws, no init reading the base)."""
+    plain = config.copy()
+    plain.init_lora_weights = False
+    out = {}
+    for path in sorted(targets):
+        module = tree.get_submodule(path)
+        k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
+                       else quant.in_out_features(module))
+        out[path] = build_adapter(plain, path, k_in, n_out, torch.float32, torch.device("meta"))
+    return out
+
+
+def _adapter_keys(tree: nn.Module, config: LoraConfig, targets: set[str], adapter_name: str) -> dict[str, str]:
+    """{disk key: model key} of the adapter's own tensors: peft's `P.<name>` (P.lora_A.weight,
+    P.lora_B.bias, P.lora_magnitude_vector, ...) is our `P.adapters.<adapter>.<name>`."""
+    return {f"{path}.{name}": f"{path}.adapters.{adapter_name}.{name}"
+            for path, adapter in _shape_only_adapters(tree, config, targets).items()
+            for name, _ in adapter.named_parameters()}
+
+
 def _get(tree: nn.Module, path: str) -> Optional[nn.Module]:
     try:
         return tree.get_submodule(path)
@@ -410,8 +470,8 @@ def _get(tree: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 def _from_disk_name(key: str, mts: list[str], adapter_name: str) -> str:
-    """Disk key (prefix stripped) -> model key: `P.lora_A.weight` -> `P.adapters.<adapter>.lora_A.weight`;
-    modules_to_save `X.k` or `X.modules_to_save.k` -> `X.modules_to_save.<adapter>.k`."""
+    """Disk key (prefix stripped) -> model key for modules_to_save: `X.k` or `X.modules_to_save.k`
+    -> `X.modules_to_save.<adapter>.k` (the adapter's own tensors go through `_adapter_keys`)."""
     for path in mts:
         if key.startswith(f"{path}."):
             rest = key[len(path) + 1:]
@@ -420,13 +480,9 @@ def _from_disk_name(key: str, mts: list[str], adapter_name: str) -> str:
             if rest.startswith("modules_to_save."):
                 rest = rest[len("modules_to_save."):]
             return f"{path}.modules_to_save.{adapter_name}.{rest}"
-    m = _DISK_LORA_KEY.fullmatch(key)
-    if m:
-        return f"{m['path']}.adapters.{adapter_name}.{m['which']}.weight"
     return key
 
 
-_DISK_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<which>lora_[AB])\.weight")
 _LORA_KEY = re.compile(r"(?P<path>.+)\.adapters\.[^.]+\.(?P<which>lora_[AB])\.weight")
 
 
@@ -435,11 +491,13 @@ def _disk_name_of(key: str, adapter_name: str) -> str:
     return f"{m['path']}.{m['which']}.weight" if m else key.replace(f".modules_to_save.{adapter_name}.", ".")
 
 
-def _shape_msg(key: str, disk_name: str, got: list, want: list) -> str:
+def _shape_msg(key: str, disk_name: str, got: list, want: list, disk_of: dict) -> str:
     """"lora_A of <path>: adapter [8, 64] vs model [8, 128]"; other tensors by their disk name."""
-    m = _LORA_KEY.fullmatch(key)
-    name = f"{m['which']} of {m['path']}" if m else disk_name
-    return f"{name}: adapter {got} vs model {want}"
+    if key in disk_of:  # an adapter tensor: model key P.adapters.<adapter>.<name>
+        path, _, name = key.partition(".adapters.")
+        name = name.partition(".")[2].removesuffix(".weight")
+        return f"{name} of {path}: adapter {got} vs model {want}"
+    return f"{disk_name}: adapter {got} vs model {want}"
 
 
 # ---- files -----------------------------------------------------------------------------------------

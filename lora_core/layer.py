@@ -35,7 +35,7 @@ from torch import nn
 import kernels
 
 from . import quant
-from .adapters import LoraAdapter
+from .adapters import BaseContext, LoraAdapter
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 _warned: set[str] = set()  # reasons already reported (once per process)
@@ -143,14 +143,22 @@ class LoraLinear(nn.Module):
             # so torch.manual_seed reproduces a run and checkpointing's RNG restore covers it)
             return kernels.lora_linear(x, self._base_record(), quant.base_bias(self.base_layer), A, B,
                                        scaling, p, self.training, backend=self.kernel, seed=None)
+        if todo:  # before the base runs: backend "triton" refuses an adapter it cannot fuse
+            self._note_torch_terms(x, todo, "several active adapters")
         y = self._base(x)
         if not todo:
             return y
-        self._note_torch_terms(x, "several active adapters")
         result = y
         for adapter in todo:
-            result = adapter(x, result)
+            result = self._call(adapter, x, result, y)
         return result.to(y.dtype)
+
+    def _call(self, adapter, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """adapter(x, result), handing the base (record, bias, base output) to adapters that read it."""
+        if getattr(adapter, "needs_base", False):
+            ctx = BaseContext(self._base_record(), quant.base_bias(self.base_layer), base_out)
+            return adapter(x, result, base=ctx)
+        return adapter(x, result)
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone (merged adapters included), through the layer's backend."""
@@ -171,26 +179,36 @@ class LoraLinear(nn.Module):
         if len(groups) == 1:  # every row alike: the ordinary path (fused for one LoRA adapter)
             (name,) = groups
             return self._apply_adapters(x, [self.adapters[name]] if name in self.adapters else [])
-        y = self._base(x)  # [B, ..., N]: one base pass for every row
         todo = [(n, rows) for n, rows in groups.items() if n != BASE_ROW and n in self.adapters]
         if todo:
-            self._note_torch_terms(x, "a mixed batch (adapter_names)")
+            self._note_torch_terms(x, [self.adapters[n] for n, _ in todo], "a mixed batch (adapter_names)")
+        y = self._base(x)  # [B, ..., N]: one base pass for every row
         for name, rows in todo:
             adapter = self.adapters[name]
             idx = torch.tensor(rows, device=x.device)
             part = x.index_select(0, idx)  # [b, ..., K]
-            if hasattr(adapter, "term"):  # additive: add the term to its rows in place, as peft's +=
+            if getattr(adapter, "term", None) is not None:  # additive: add to its rows in place, as peft's +=
                 y.index_add_(0, idx, adapter.term(part).to(y.dtype))
             else:
-                y.index_copy_(0, idx, adapter(part, y.index_select(0, idx)).to(y.dtype))
+                rows_y = y.index_select(0, idx)  # [b, ..., N]: these rows' base output
+                y.index_copy_(0, idx, self._call(adapter, part, rows_y, rows_y).to(y.dtype))
         return y
 
-    def _note_torch_terms(self, x: torch.Tensor, why: str) -> None:
-        if self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda):
-            reason = f"{why}: the adapter terms run in PyTorch (the base layer runs on the {self.kernel} backend)"
-            if reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(f"LoraLinear: {reason}; one active adapter runs fused.", stacklevel=3)
+    def _note_torch_terms(self, x: torch.Tensor, todo: list, why: str) -> None:
+        """Say (once per reason) that these adapters' terms run in PyTorch on a Triton-capable
+        backend; refuse with backend "triton" when an adapter's method is not fused at all."""
+        if not (self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda)):
+            return
+        unfused = [a for a in todo if a.fused_args() is None]
+        if unfused:
+            why = getattr(unfused[0], "unfused_reason", None) or f"{type(unfused[0]).__name__} has no fused path"
+            if self.kernel == "triton":
+                raise ValueError(f"backend='triton' cannot run this layer: {why}. Use kernel='auto' (the "
+                                 f"adapter runs in PyTorch, the base on triton) or 'torch'.")
+        reason = f"{why}: the adapter terms run in PyTorch (the base layer runs on the {self.kernel} backend)"
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"LoraLinear: {reason}; one active LoRA adapter runs fused.", stacklevel=3)
 
     def _base_record(self):
         """The `kernels` record of the base weight, rebuilt only when the base storage changed.
@@ -260,15 +278,29 @@ class LoraLinear(nn.Module):
     def _held(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if n in self.adapters]
 
+    def merge_problem(self, names: Sequence[str]) -> Optional[str]:
+        """Why merging `names` into this layer would be refused (None: it can be merged)."""
+        bad = [n for n in names if not torch.isfinite(self.adapters[n].delta_weight()).all()]
+        if bad:
+            return (f"LoRA delta (scaling * B @ A) of adapter {bad} has non-finite values; refusing to merge. "
+                    f"The base weight is unchanged. Fix: check the adapter weights for NaN/inf.")
+        with_bias = [n for n in names if getattr(self.adapters[n], "delta_bias", lambda: None)() is not None]
+        if with_bias and self.bias is None:
+            return (f"adapter {with_bias} has lora_bias=True but this layer's base has no bias to merge it "
+                    f"into (peft refuses too); nothing was merged. Fix: keep it unmerged.")
+        return None
+
     def _apply_deltas(self, names: list[str], sign: int) -> float:
         with torch.no_grad():
+            problem = self.merge_problem(names)
+            if problem:
+                raise ValueError(problem)
             deltas = [self.adapters[n].delta_weight() for n in names]  # each [N, K] fp32
-            bad = [n for n, d in zip(names, deltas) if not torch.isfinite(d).all()]
-            if bad:
-                raise ValueError(f"LoRA delta (scaling * B @ A) of adapter {bad} has non-finite values; "
-                                 f"refusing to merge. The base weight is unchanged. Fix: check the "
-                                 f"adapter weights for NaN/inf.")
-            if quant.is_quantized(self.base_layer):
+            scaled = [n for n in {*self.merged_adapters, *names} if getattr(self.adapters[n], "needs_base", False)]
+            if scaled:  # DoRA among the merged: the merge depends on the base itself
+                target = self._scaled_target(names, deltas, sign)
+                quant.requantize_into(self.base_layer, _checked(target))
+            elif quant.is_quantized(self.base_layer):
                 # one re-quantization for the whole set: each one is lossy
                 target = quant.dequantize_base(self.base_layer)  # [N, K] fp32
                 for d in deltas:
@@ -288,7 +320,48 @@ class LoraLinear(nn.Module):
                 w.data.copy_(new)
                 if self.fan_in_fan_out:
                     target = target.T
+            for n in names:  # lora_bias: the bias gets scaling * b (peft's merge of lora_B.bias)
+                db = self.adapters[n].delta_bias()
+                if db is not None:
+                    self.bias.data.copy_((self.bias.float() + sign * db).to(self.bias.dtype))
             return (quant.dequantize_base(self.base_layer) - target).abs().max().item()
+
+    def _scaled_target(self, names: list[str], deltas: list[torch.Tensor], sign: int) -> torch.Tensor:
+        """The new W [N, K] fp32 when a merged adapter scales the base (DoRA's merge_scale f).
+
+        With W0 the base without merged adapters and M the merged set, the stored weight is
+            W = S * (W0 + sum_m (f_m / S) delta_m),   S = 1 + sum_m (f_m - 1)   (rows; f = 1 for LoRA)
+        which equals the unmerged forward, W0 + sum_m ((f_m - 1) W0 + f_m delta_m), for any set and
+        order (peft's sequential f * (W + delta) scales adapters merged before a DoRA one too). With
+        one DoRA adapter alone this is peft's f * (W0 + delta) exactly (f / f = 1). The factors f
+        are computed from W0 when merging and kept for the unmerge (peft keeps the weight norm).
+        """
+        scales: dict = self.__dict__.setdefault("_merge_scales", {})  # name -> f [N], while merged
+        merged = list(self.merged_adapters)
+        merged_deltas = [self.adapters[n].delta_weight() for n in merged]
+        W = quant.dequantize_base(self.base_layer)                       # [N, K] fp32, as stored
+        ones = torch.ones(self.out_features, device=W.device)
+        f = [scales.get(n, ones) for n in merged]
+        S = 1 + sum(fi - 1 for fi in f) if f else ones                   # [N]
+        W0 = W / S[:, None] - sum((fi / S)[:, None] * d for fi, d in zip(f, merged_deltas)) if merged else W
+        if sign < 0:  # unmerge everything: back to W0
+            for n in names:
+                scales.pop(n, None)
+            return W0
+        for n, d in zip(names, deltas):
+            fn = self.adapters[n].merge_scale(W0) if getattr(self.adapters[n], "needs_base", False) else None
+            if fn is not None:
+                scales[n] = fn
+            merged.append(n)
+            merged_deltas.append(d)
+        f = [scales.get(n, ones) for n in merged]
+        S = 1 + sum(fi - 1 for fi in f)
+        return S[:, None] * (W0 + sum((fi / S)[:, None] * d for fi, d in zip(f, merged_deltas)))
+
+
+def _checked(w: torch.Tensor) -> torch.Tensor:
+    _check_finite(w)
+    return w
 
 
 def _check_finite(w: torch.Tensor) -> None:

@@ -50,7 +50,6 @@ REFUSED: dict[str, str] = {
                                                 "lora_core.prepare_model_for_kbit_training(base)",
     "enable_peft_hotswap": "adapter hotswapping is not implemented. Fix: load_adapter() under a new "
                            "name, then set_adapter() and delete_adapter() the old one",
-    "subtract_mutated_init": "PiSSA / OLoRA / CorDA inits (and their conversion) are not implemented",
     "inject_adapter": "Fix: use add_adapter(adapter_name, config)",
     "get_model_config": _TUNER + ". Fix: model.config.to_dict()",
     "prefix": _TUNER,
@@ -402,10 +401,10 @@ class LoraModel(nn.Module):
         if already:
             warnings.warn(f"merge_adapter(): {already} already merged; "
                           f"{'nothing more to merge' if not todo else 'merging the rest'} (no double add).")
-        bad = [p for p, ns in todo.items() if not torch.isfinite(layers[p].delta_weight(ns)).all()]
-        if bad:  # checked for every layer first, so a bad one leaves the whole model unmerged
-            raise ValueError(f"LoRA delta of {bad} has non-finite values; refusing to merge, nothing "
-                             f"changed. Fix: check those layers' lora_A / lora_B for NaN/inf.")
+        for p, ns in todo.items():  # every layer checked first, so a bad one leaves the model unmerged
+            problem = layers[p].merge_problem(ns)  # non-finite deltas; lora_bias without a base bias
+            if problem:
+                raise ValueError(f"{p}: {problem} Nothing was merged.")
         return {p: layers[p].merge(ns) for p, ns in todo.items()}
 
     def unmerge_adapter(self) -> dict[str, float]:
@@ -433,16 +432,38 @@ class LoraModel(nn.Module):
 
     # ---- PEFT-format files (lora_core.io) --------------------------------------------------------
     def save_pretrained(self, save_directory, selected_adapters: Optional[Sequence[str]] = None,
-                        safe_serialization: bool = True, is_main_process: bool = True) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion=None) -> None:
         """Write the adapters in peft's layout: "default" at the folder root, every other adapter
         in save_directory/<name>/ (adapter_config.json + adapter_model.safetensors each).
-        selected_adapters: which ones (default: all). Nothing is written if any check fails."""
+        selected_adapters: which ones (default: all). path_initial_model_for_weight_conversion:
+        the folder this adapter was saved to right after its PiSSA / OLoRA init; the adapter is
+        then written as a rank-2r LoRA adapter that applies to the original, unmodified base
+        (peft's conversion; see lora_core.init). Nothing is written if any check fails."""
         from . import io
         if not safe_serialization:
             raise ValueError("safe_serialization=False (adapter_model.bin) is not written by lorafuse; "
                              "safetensors files load everywhere peft's .bin files do")
         if is_main_process:
-            io.save_adapters(self, save_directory, selected_adapters)
+            io.save_adapters(self, save_directory, selected_adapters,
+                             initial=path_initial_model_for_weight_conversion)
+
+    def subtract_mutated_init(self, output_state_dict: dict, adapter_name: str, kwargs=None) -> dict:
+        """peft's conversion of a PiSSA / OLoRA adapter to plain LoRA: `output_state_dict` (the
+        trained adapter, peft's keys) against adapter `adapter_name` of this model holding its
+        initial values; returns the rank-2r state dict (other tensors kept; see lora_core.init)."""
+        from . import init as lora_init
+        self._check_known([adapter_name])
+        return lora_init.convert_to_lora(output_state_dict, self.get_adapter_state_dict(adapter_name))
+
+    def loftq_errors(self, adapter_name: Optional[str] = None) -> dict:
+        """{layer path: LoftQErrors} of a LoftQ-initialised adapter (default: the active one): the
+        Frobenius error of the base quantized alone, ||W - Q||, and ||W - (Q + scaling * B A)|| after
+        each alternating iteration. Empty for other inits."""
+        name = self._active[0] if adapter_name is None else adapter_name
+        self._check_known([name])
+        return {p: layer.adapters[name].loftq_errors for p, layer in self.lora_layers().items()
+                if name in layer.adapters and hasattr(layer.adapters[name], "loftq_errors")}
 
     def get_adapter_state_dict(self, adapter_name: Optional[str] = None, state_dict=None) -> dict:
         """The tensors save_pretrained writes for `adapter_name` (default: the active one), under
