@@ -19,7 +19,8 @@ A = R, B = L ignores the scaling, so its init is off by that factor unless lora_
 reports the reconstruction error it reached (`LoraModel.loftq_errors`); GPT-2's Conv1D ([in, out]
 storage) is read as [out, in] by every init (peft's OLoRA and LoftQ factor the stored [in, out]
 matrix); PiSSA also runs on 4-bit / int8 bases, as peft's OLoRA does (dequantize, init,
-re-quantize the residual: lossy, so the output moves by about one quantization step).
+re-quantize the residual from fp32 (4-bit; int8 from fp16): lossy, so the output moves by about
+one quantization step).
 
 Conversion (`save_pretrained(dir, path_initial_model_for_weight_conversion=init_dir)`, peft's
 `subtract_mutated_init`): with A0, B0 the adapter right after init (saved to init_dir before
@@ -137,7 +138,9 @@ class BaseRewrite:
     new_weight: Callable[[], torch.Tensor]  # -> W' [N, K] fp32
 
     def apply(self) -> None:
-        quant.requantize_into(self.layer, self.new_weight())
+        # a 4-bit base is re-quantized from the fp32 residual, as peft's OLoRA does (its QuantState
+        # then dequantizes to fp32): one rounding fewer than going through the compute dtype
+        quant.requantize_into(self.layer, self.new_weight(), source_dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -282,19 +282,19 @@ class LoraLinear(nn.Module):
         """Why merging `names` into this layer would be refused (None: it can be merged)."""
         bad = [n for n in names if not torch.isfinite(self.adapters[n].delta_weight()).all()]
         if bad:
-            return (f"LoRA delta (scaling * B @ A) of adapter {bad} has non-finite values; refusing to merge. "
-                    f"The base weight is unchanged. Fix: check the adapter weights for NaN/inf.")
+            return (f"LoRA delta (scaling * B @ A) of adapter {bad} has non-finite values; refusing to merge "
+                    f"(fix: check the adapter weights for NaN/inf).")
         with_bias = [n for n in names if getattr(self.adapters[n], "delta_bias", lambda: None)() is not None]
         if with_bias and self.bias is None:
             return (f"adapter {with_bias} has lora_bias=True but this layer's base has no bias to merge it "
-                    f"into (peft refuses too); nothing was merged. Fix: keep it unmerged.")
+                    f"into; refusing to merge, as peft does (fix: keep it unmerged).")
         return None
 
     def _apply_deltas(self, names: list[str], sign: int) -> float:
         with torch.no_grad():
             problem = self.merge_problem(names)
             if problem:
-                raise ValueError(problem)
+                raise ValueError(f"{problem} The base weight is unchanged.")
             deltas = [self.adapters[n].delta_weight() for n in names]  # each [N, K] fp32
             scaled = [n for n in {*self.merged_adapters, *names} if getattr(self.adapters[n], "needs_base", False)]
             if scaled:  # DoRA among the merged: the merge depends on the base itself

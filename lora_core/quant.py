@@ -159,13 +159,14 @@ def dequantize_base(layer: nn.Module) -> torch.Tensor:
     return _dequantize(base_weight(layer), torch.float32).float().clone()
 
 
-def requantize_into(layer: nn.Module, W: torch.Tensor) -> None:
+def requantize_into(layer: nn.Module, W: torch.Tensor, source_dtype: Optional[torch.dtype] = None) -> None:
     """Store W [N, K] (fp32) into `layer`, in place, with the layer's own storage format.
 
     dense: copied into weight (transposed for Conv1D), cast to its dtype. 4-bit: re-quantized with
-    the same quant type, blocksize, double quantization and source dtype; packed bytes copied into
-    the existing parameter and a fresh QuantState installed. int8: re-quantized per row (new CB and
-    SCB, as bitsandbytes' Int8Params does from fp16). Quantized writes are lossy by construction.
+    the same quant type, blocksize, double quantization and source dtype (or `source_dtype`: W is
+    cast to it first, and it becomes the QuantState's dtype); packed bytes copied into the existing
+    parameter and a fresh QuantState installed. int8: re-quantized per row (new CB and SCB, as
+    bitsandbytes' Int8Params does from fp16). Quantized writes are lossy by construction.
     """
     with torch.no_grad():
         if _is_4bit(layer):
@@ -173,7 +174,7 @@ def requantize_into(layer: nn.Module, W: torch.Tensor) -> None:
             qs = _quant_state(layer)
             w = layer.weight
             packed, new_qs = bnb.functional.quantize_4bit(
-                W.to(qs.dtype).contiguous(), blocksize=qs.blocksize, compress_statistics=qs.nested,
+                W.to(source_dtype or qs.dtype).contiguous(), blocksize=qs.blocksize, compress_statistics=qs.nested,
                 quant_type=qs.quant_type, quant_storage=w.data.dtype)
             w.data.copy_(packed.reshape(w.data.shape))
             w.quant_state = new_qs

@@ -93,6 +93,10 @@ def preflight(cfg: TrainConfig) -> Path | None:
         problem = _triton_precision_problem(cfg)
         if problem:
             raise TrainError(problem)
+        unfused = [flag for flag, on in (("--use-dora", cfg.use_dora), ("--lora-bias", cfg.lora_bias)) if on]
+        if unfused:  # the layer would refuse at the first forward; say it before any work
+            raise TrainError(f"--kernel triton cannot run {' / '.join(unfused)}: the triton kernels do not "
+                             f"fuse it; use --kernel auto (that adapter term in PyTorch) or torch")
     if cfg.report_to == "tensorboard" and not _tensorboard_installed():
         raise TrainError("--report-to tensorboard needs the tensorboard package; install it or use "
                          "--report-to auto")
@@ -247,7 +251,13 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     steps_per_epoch = len(sampler) // global_batch  # exact: the sampler trims to full global batches
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_lr_ratio > 0:  # LoRA+: peft's four parameter groups (lora_B at ratio x lr)
+        from lora_core import create_loraplus_optimizer
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
+                                              loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                              loraplus_weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = transformers.get_scheduler(cfg.lr_scheduler_type, optimizer,
                                            num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 

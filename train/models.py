@@ -97,13 +97,12 @@ def lora_config(cfg: TrainConfig, seq2seq: bool):
     """The lora_core LoraConfig of a run (TrainError if lora_core refuses a value)."""
     from lora_core import LoraConfig
 
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
-        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    from .config import lora_kwargs
+
     try:
-        return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
-    except ValueError as e:
-        raise TrainError(str(e).splitlines()[0]) from None
+        return LoraConfig(**lora_kwargs(cfg), task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+    except ValueError as e:  # a rule between options (e.g. --lora-bias with --use-dora)
+        raise TrainError(f"LoRA options: {str(e).splitlines()[0]}") from None
 
 
 def check_target_modules(cfg: TrainConfig) -> None:
