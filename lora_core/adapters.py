@@ -15,15 +15,8 @@ a small module that owns its parameters and settings and answers the layer's fou
 and, for methods whose effect is a plain addition (LoRA), term(x) -> the added [..., N], which
 lets a mixed batch add it to its rows in place (peft's `result[rows] += term`).
 
-Optional parts of the interface, for variants that need more than the four questions:
-
-    needs_base = True     forward(x, result, base=BaseContext) also gets the base layer's weight
-                          record, bias and output (DoRA's norm of W + scaling * B @ A)
-    unfused_reason        why fused_args() is None (what a backend="triton" refusal or an "auto"
-                          fallback warning says)
-    delta_bias()          [N] that merging adds to the base bias (lora_bias), or None
-    merge_scale(W0)       [N] factor f per output row: merging adds (f - 1) * W0 + f * delta
-                          instead of delta, W0 = the base without merged adapters (DoRA), or None
+The optional parts of the interface (what DoRA, IA3, AdaLoRA, ... need beyond the four questions)
+are listed above METHODS below.
 
 Initialisations: True, "gaussian", False and "orthogonal" (random, drawn here in peft's order
 from torch's generator) happen when the adapter is built; the data-dependent ones (PiSSA, OLoRA,
@@ -140,14 +133,14 @@ class LoraAdapter(nn.Module):
         r = self.r
         if r % 2:
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
+        if self.lora_A.weight.device.type == "meta":
+            return  # a shape-only adapter (io's load planning): draw nothing
         in_features, out_features = self.lora_A.in_features, self.lora_B.out_features
         Q, _ = torch.linalg.qr(torch.randn(r, r))                                   # [r, r] orthogonal
         A = torch.randn(in_features, r // 2).mm(Q[0::2, :]).T / 10.0                 # [r, K]
         B = torch.randn(r // 2, out_features).T.mm(Q[1::2, :]) / 10.0                # [N, r]
         self.lora_A.weight.copy_(A)
         self.lora_B.weight.copy_(B)
-
-    unfused_reason = "lora_bias (a bias on lora_B) is not fused into the triton kernels"
 
     def fused_args(self):
         if self.lora_bias:
@@ -167,23 +160,64 @@ class LoraAdapter(nn.Module):
         """scaling * B @ A in fp32, [N, K] like W (fan_in_fan_out only changes how W is stored)."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # [N, r] @ [r, K]
 
-    def delta_bias(self) -> Optional[torch.Tensor]:
-        """scaling * b [N] in fp32 (lora_bias), what merging adds to the base bias; else None."""
-        return None if self.lora_B.bias is None else self.scaling * self.lora_B.bias.float()
-
-    def merge_scale(self, W0: torch.Tensor) -> Optional[torch.Tensor]:
-        return None  # LoRA's merge is a plain addition of delta_weight()
+    def merge_bias(self, b: torch.Tensor, sign: int) -> torch.Tensor:
+        """The base bias b [N] (fp32) with lora_bias's scaling * lora_B.bias added (peft's merge),
+        or b itself when the adapter has no bias. The layer refuses to merge a lora_bias adapter
+        into a base without a bias (LoraLinear.mergeable)."""
+        if self.lora_B.bias is None:
+            return b
+        return b + sign * self.scaling * self.lora_B.bias.float()
 
 
 from .dora import DoraAdapter  # noqa: E402  (dora.py subclasses LoraAdapter, defined above)
 
+from .methods.adalora import AdaLoraAdapter  # noqa: E402 (the other per-layer methods, one module each)
+from .methods.bottleneck import BottleneckAdapter  # noqa: E402
+from .methods.ia3 import IA3Adapter  # noqa: E402
+
 # method name -> adapter class. One entry per method; `method_of` says which one a config asks for.
-METHODS: dict[str, type] = {"lora": LoraAdapter, "dora": DoraAdapter}
+# Besides the four questions above, an adapter class may have:
+#   from_config(config, path, in, out, dtype, device)  how a config builds it (else LoRA's arguments)
+#   transform_input(x) -> x        applied to the layer input before the base (IA3 feed-forward,
+#                                  a serial bottleneck adapter on the input side)
+#   merge_into(W [N, K] fp32, sign) / merge_bias(b, sign)   a merge that is not W + delta (IA3;
+#                                  lora_bias's scaling * b on the base bias)
+#   merge_refusal                  why it cannot be merged at all (a bottleneck's nonlinearity)
+#   tensors_to_save(config, path)  what the file holds, if not its parameters (AdaLoRA's pruning)
+#   fixed_parameters               parameter names never trained or saved (AdaLoRA's ranknum)
+#   kernel_reason                  why the fused kernels cannot compute it (None: the base can still
+#                                  run on any backend and the term in PyTorch)
+#   needs_base = True              forward(x, result, base=BaseContext) also gets the base layer's
+#                                  weight record, bias and output, and merging asks
+#                                  merge_scale(W0) -> f [N]: it adds (f - 1) * W0 + f * delta, W0 = the
+#                                  base without merged adapters (DoRA, lora_core.dora)
+METHODS: dict[str, type] = {"lora": LoraAdapter, "dora": DoraAdapter, "ia3": IA3Adapter,
+                            "adalora": AdaLoraAdapter, "bottleneck": BottleneckAdapter}
+_PEFT_TYPE_METHOD = {"IA3": "ia3", "ADALORA": "adalora", "BOTTLENECK": "bottleneck"}
 
 
 def method_of(config) -> str:
-    """The METHODS key for a LoraConfig (its peft_type and variant flags)."""
+    """The METHODS key for a config (its peft_type and variant flags: use_dora -> "dora")."""
+    peft_type = getattr(config, "peft_type", "LORA")
+    if peft_type in _PEFT_TYPE_METHOD:
+        return _PEFT_TYPE_METHOD[peft_type]
     return "dora" if getattr(config, "use_dora", False) else "lora"
+
+
+def saved_tensors(adapter: nn.Module, config, path: str) -> dict[str, torch.Tensor]:
+    """{name under the layer's path on disk: tensor} of one adapter (its parameters, unless the
+    method says otherwise)."""
+    if hasattr(adapter, "tensors_to_save"):
+        return adapter.tensors_to_save(config, path)
+    fixed = getattr(adapter, "fixed_parameters", ())
+    return {n: p for n, p in adapter.named_parameters() if n not in fixed}
+
+
+def merged_weight(adapter: nn.Module, w: torch.Tensor, sign: int) -> torch.Tensor:
+    """W [N, K] fp32 with `adapter` merged in (sign +1) or taken out (-1)."""
+    if hasattr(adapter, "merge_into"):
+        return adapter.merge_into(w, sign)
+    return w + sign * adapter.delta_weight()
 
 
 def build_adapter(config, path: str, in_features: int, out_features: int, dtype: torch.dtype,
@@ -193,6 +227,8 @@ def build_adapter(config, path: str, in_features: int, out_features: int, dtype:
     from .inject import pattern_value  # the name-pattern rule lives with the other matching rules
 
     cls = METHODS[method_of(config)]
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config, path, in_features, out_features, dtype, device)
     return cls(in_features, out_features, r=pattern_value(config.rank_pattern, path, config.r),
                lora_alpha=pattern_value(config.alpha_pattern, path, config.lora_alpha),
                lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,

@@ -38,8 +38,8 @@ class DoraAdapter(LoraAdapter):
 
     method = "dora"
     needs_base = True
-    unfused_reason = ("DoRA's magnitude / weight-norm output scale is not fused into the triton kernels "
-                      "(the adapter runs in PyTorch)")
+    kernel_reason = ("DoRA's magnitude / weight-norm output scale is not fused into the triton kernels "
+                     "(the adapter runs in PyTorch)")
 
     def __init__(self, in_features: int, out_features: int, **kwargs):
         super().__init__(in_features, out_features, **kwargs)

@@ -18,7 +18,10 @@ Forward, three cases:
   (rows grouped by adapter: gather x's rows, compute the term, add it to those rows in place, as
   peft's `result[rows] += term`); "__base__" rows get nothing. A batch whose rows all name one
   adapter takes the first path. What it costs against one adapter: README, benchmarks/mixed_batch.py.
-The last two run the adapter terms in PyTorch whatever the backend (the base still uses it).
+The last two run the adapter terms in PyTorch whatever the backend (the base still uses it), and so
+does one adapter of a method the fused kernel cannot compute (IA3's scale, a bottleneck adapter's
+activation: `adapter.kernel_reason`), which backend "triton" refuses with that reason. Input-side
+methods (IA3 on a feed-forward layer, a serial bottleneck adapter) transform x before the base.
 
 bitsandbytes' own forward never runs on a wrapped layer, so its in-place CPU repacking cannot
 corrupt the storage we read. Merging is explicit (`merge()` / `unmerge()`), per adapter set,
@@ -35,7 +38,7 @@ from torch import nn
 import kernels
 
 from . import quant
-from .adapters import BaseContext, LoraAdapter
+from .adapters import BaseContext, LoraAdapter, merged_weight
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 _warned: set[str] = set()  # reasons already reported (once per process)
@@ -103,14 +106,21 @@ class LoraLinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    # peft's per-adapter dicts, as read-only views of the registry
-    lora_A = property(lambda self: {n: a.lora_A for n, a in self.adapters.items()})
-    lora_B = property(lambda self: {n: a.lora_B for n, a in self.adapters.items()})
-    lora_dropout = property(lambda self: {n: a.lora_dropout for n, a in self.adapters.items()})
-    scaling = property(lambda self: {n: a.scaling for n, a in self.adapters.items()})
-    r = property(lambda self: {n: a.r for n, a in self.adapters.items()})
-    lora_alpha = property(lambda self: {n: a.lora_alpha for n, a in self.adapters.items()})
-    use_rslora = property(lambda self: {n: a.use_rslora for n, a in self.adapters.items()})
+    # peft's per-adapter dicts, as read-only views of the registry (adapters of the methods that
+    # have the attribute: `ia3_l` for IA3, `lora_E` for AdaLoRA, ...)
+    lora_A = property(lambda self: self._view("lora_A"))
+    lora_B = property(lambda self: self._view("lora_B"))
+    lora_dropout = property(lambda self: self._view("lora_dropout"))
+    scaling = property(lambda self: self._view("scaling"))
+    r = property(lambda self: self._view("r"))
+    lora_alpha = property(lambda self: self._view("lora_alpha"))
+    use_rslora = property(lambda self: self._view("use_rslora"))
+    lora_E = property(lambda self: self._view("lora_E"))
+    ranknum = property(lambda self: self._view("ranknum"))
+    ia3_l = property(lambda self: self._view("ia3_l"))
+
+    def _view(self, attr: str) -> dict:
+        return {n: getattr(a, attr) for n, a in self.adapters.items() if hasattr(a, attr)}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -143,11 +153,17 @@ class LoraLinear(nn.Module):
             # so torch.manual_seed reproduces a run and checkpointing's RNG restore covers it)
             return kernels.lora_linear(x, self._base_record(), quant.base_bias(self.base_layer), A, B,
                                        scaling, p, self.training, backend=self.kernel, seed=None)
-        if todo:  # before the base runs: backend "triton" refuses an adapter it cannot fuse
-            self._note_torch_terms(x, todo, "several active adapters")
-        y = self._base(x)
+        if len(todo) == 1:
+            self._check_backend_computes(todo[0], x)
+        xb = x
+        for adapter in todo:  # input-side methods (IA3 feed-forward, a serial input adapter)
+            if hasattr(adapter, "transform_input"):
+                xb = adapter.transform_input(xb)
+        y = self._base(xb)
         if not todo:
             return y
+        if len(todo) > 1:
+            self._note_torch_terms(x, "several active adapters")
         result = y
         for adapter in todo:
             result = self._call(adapter, x, result, y)
@@ -179,36 +195,42 @@ class LoraLinear(nn.Module):
         if len(groups) == 1:  # every row alike: the ordinary path (fused for one LoRA adapter)
             (name,) = groups
             return self._apply_adapters(x, [self.adapters[name]] if name in self.adapters else [])
+        y = self._base(x)  # [B, ..., N]: one base pass for every row
         todo = [(n, rows) for n, rows in groups.items() if n != BASE_ROW and n in self.adapters]
         if todo:
-            self._note_torch_terms(x, [self.adapters[n] for n, _ in todo], "a mixed batch (adapter_names)")
-        y = self._base(x)  # [B, ..., N]: one base pass for every row
+            self._note_torch_terms(x, "a mixed batch (adapter_names)")
         for name, rows in todo:
             adapter = self.adapters[name]
             idx = torch.tensor(rows, device=x.device)
             part = x.index_select(0, idx)  # [b, ..., K]
             if getattr(adapter, "term", None) is not None:  # additive: add to its rows in place, as peft's +=
                 y.index_add_(0, idx, adapter.term(part).to(y.dtype))
+            elif hasattr(adapter, "transform_input"):  # the base itself sees other inputs on these rows
+                y.index_copy_(0, idx, self._apply_adapters(part, [adapter]).to(y.dtype))
             else:
                 rows_y = y.index_select(0, idx)  # [b, ..., N]: these rows' base output
                 y.index_copy_(0, idx, self._call(adapter, part, rows_y, rows_y).to(y.dtype))
         return y
 
-    def _note_torch_terms(self, x: torch.Tensor, todo: list, why: str) -> None:
-        """Say (once per reason) that these adapters' terms run in PyTorch on a Triton-capable
-        backend; refuse with backend "triton" when an adapter's method is not fused at all."""
-        if not (self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda)):
-            return
-        unfused = [a for a in todo if a.fused_args() is None]
-        if unfused:
-            why = getattr(unfused[0], "unfused_reason", None) or f"{type(unfused[0]).__name__} has no fused path"
-            if self.kernel == "triton":
-                raise ValueError(f"backend='triton' cannot run this layer: {why}. Use kernel='auto' (the "
-                                 f"adapter runs in PyTorch, the base on triton) or 'torch'.")
-        reason = f"{why}: the adapter terms run in PyTorch (the base layer runs on the {self.kernel} backend)"
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"LoraLinear: {reason}; one active LoRA adapter runs fused.", stacklevel=3)
+    def _check_backend_computes(self, adapter: nn.Module, x: torch.Tensor) -> None:
+        """One adapter the fused kernel cannot take: refused on "triton" when the kernels cannot
+        compute its method at all (`kernel_reason`), noted once on "auto" with a GPU input."""
+        reason = getattr(adapter, "kernel_reason", None)
+        if reason is None:
+            self._note_torch_terms(x, f"{getattr(adapter, 'method', 'this')} adapters (not fused)")
+        elif self.kernel == "triton":
+            raise ValueError(f"kernel='triton' cannot run this {adapter.method} adapter: {reason}. Fix: "
+                             f"model.set_kernel('auto') (base on triton where it can, the adapter in PyTorch) "
+                             f"or 'torch'.")
+        else:
+            self._note_torch_terms(x, f"{adapter.method} adapter: {reason}")
+
+    def _note_torch_terms(self, x: torch.Tensor, why: str) -> None:
+        if self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda):
+            reason = f"{why}: the adapter terms run in PyTorch (the base layer runs on the {self.kernel} backend)"
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"LoraLinear: {reason}; one active adapter runs fused.", stacklevel=3)
 
     def _base_record(self):
         """The `kernels` record of the base weight, rebuilt only when the base storage changed.
@@ -278,55 +300,64 @@ class LoraLinear(nn.Module):
     def _held(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if n in self.adapters]
 
-    def merge_problem(self, names: Sequence[str]) -> Optional[str]:
-        """Why merging `names` into this layer would be refused (None: it can be merged)."""
-        bad = [n for n in names if not torch.isfinite(self.adapters[n].delta_weight()).all()]
-        if bad:
-            return (f"LoRA delta (scaling * B @ A) of adapter {bad} has non-finite values; refusing to merge "
-                    f"(fix: check the adapter weights for NaN/inf).")
-        with_bias = [n for n in names if getattr(self.adapters[n], "delta_bias", lambda: None)() is not None]
-        if with_bias and self.bias is None:
-            return (f"adapter {with_bias} has lora_bias=True but this layer's base has no bias to merge it "
-                    f"into; refusing to merge, as peft does (fix: keep it unmerged).")
-        return None
+    def mergeable(self, names: Sequence[str]) -> bool:
+        """False if any named adapter's merge input is non-finite; ValueError for a method that
+        cannot be merged at all (a bottleneck adapter's nonlinearity)."""
+        ok = True
+        for name in self._held(names):
+            adapter = self.adapters[name]
+            refusal = getattr(adapter, "merge_refusal", None)
+            if getattr(adapter, "lora_bias", False) and self.bias is None:
+                refusal = ("it has lora_bias=True but this layer's base has no bias to merge it into (peft "
+                           "refuses too). Fix: keep it unmerged")
+            if refusal:
+                raise ValueError(f"adapter {name!r} cannot be merged: {refusal}")
+            if hasattr(adapter, "merge_into") or getattr(adapter, "needs_base", False):
+                ok &= all(bool(torch.isfinite(p).all()) for p in adapter.parameters())
+            else:
+                ok &= bool(torch.isfinite(adapter.delta_weight()).all())
+        return ok
 
     def _apply_deltas(self, names: list[str], sign: int) -> float:
         with torch.no_grad():
-            problem = self.merge_problem(names)
-            if problem:
-                raise ValueError(f"{problem} The base weight is unchanged.")
-            deltas = [self.adapters[n].delta_weight() for n in names]  # each [N, K] fp32
-            scaled = [n for n in {*self.merged_adapters, *names} if getattr(self.adapters[n], "needs_base", False)]
-            if scaled:  # DoRA among the merged: the merge depends on the base itself
-                target = self._scaled_target(names, deltas, sign)
-                quant.requantize_into(self.base_layer, _checked(target))
+            adapters = [self.adapters[n] for n in names]
+            bad = [n for n in names if not self.mergeable([n])]
+            if bad:
+                raise ValueError(f"the merge of adapter {bad} has non-finite values (e.g. LoRA's scaling * B @ A); "
+                                 f"refusing to merge. The base weight is unchanged. Fix: check the "
+                                 f"adapter weights for NaN/inf.")
+            if any(getattr(self.adapters[n], "needs_base", False) for n in {*self.merged_adapters, *names}):
+                # DoRA among the merged: the merge depends on the base itself
+                target = self._scaled_target(names, sign)
+                _check_finite(target)
+                new_bias = self._merged_bias(adapters, sign)
+                quant.requantize_into(self.base_layer, target)
             elif quant.is_quantized(self.base_layer):
                 # one re-quantization for the whole set: each one is lossy
                 target = quant.dequantize_base(self.base_layer)  # [N, K] fp32
-                for d in deltas:
-                    target = target + sign * d
+                for a in adapters:
+                    target = merged_weight(a, target, sign)
                 _check_finite(target)
+                new_bias = self._merged_bias(adapters, sign)
                 quant.requantize_into(self.base_layer, target)
             else:
                 w = self.base_layer.weight  # [N, K], or [K, N] when fan_in_fan_out (Conv1D)
+                nk = (lambda m: m.T) if self.fan_in_fan_out else (lambda m: m)  # stored <-> [N, K]
                 new, target = w, w.float()
-                for d in deltas:
-                    d = d.T if self.fan_in_fan_out else d
-                    target = target + sign * d
+                for a in adapters:
+                    target = nk(merged_weight(a, nk(target), sign))
                     # per adapter, W + delta summed in fp32 and rounded once to the base dtype, as
                     # peft does in fp32 (in bf16 / fp16 peft rounds the delta first: two roundings)
-                    new = (new.float() + sign * d).to(w.dtype)
+                    new = nk(merged_weight(a, nk(new.float()), sign)).to(w.dtype)
                 _check_finite(new)
+                new_bias = self._merged_bias(adapters, sign)
                 w.data.copy_(new)
-                if self.fan_in_fan_out:
-                    target = target.T
-            for n in names:  # lora_bias: the bias gets scaling * b (peft's merge of lora_B.bias)
-                db = self.adapters[n].delta_bias()
-                if db is not None:
-                    self.bias.data.copy_((self.bias.float() + sign * db).to(self.bias.dtype))
+                target = nk(target)
+            if new_bias is not None:
+                self.base_layer.bias.data.copy_(new_bias)
             return (quant.dequantize_base(self.base_layer) - target).abs().max().item()
 
-    def _scaled_target(self, names: list[str], deltas: list[torch.Tensor], sign: int) -> torch.Tensor:
+    def _scaled_target(self, names: list[str], sign: int) -> torch.Tensor:
         """The new W [N, K] fp32 when a merged adapter scales the base (DoRA's merge_scale f).
 
         With W0 the base without merged adapters and M the merged set, the stored weight is
@@ -336,32 +367,43 @@ class LoraLinear(nn.Module):
         one DoRA adapter alone this is peft's f * (W0 + delta) exactly (f / f = 1). The factors f
         are computed from W0 when merging and kept for the unmerge (peft keeps the weight norm).
         """
+        other = [n for n in {*self.merged_adapters, *names} if hasattr(self.adapters[n], "merge_into")]
+        if other:
+            raise ValueError(f"adapters {other} merge by scaling W (IA3): merging them on one layer together "
+                             f"with a DoRA adapter is not supported. Fix: merge one kind at a time.")
         scales: dict = self.__dict__.setdefault("_merge_scales", {})  # name -> f [N], while merged
         merged = list(self.merged_adapters)
-        merged_deltas = [self.adapters[n].delta_weight() for n in merged]
+        deltas = [self.adapters[n].delta_weight() for n in merged]        # [N, K] fp32 each
         W = quant.dequantize_base(self.base_layer)                       # [N, K] fp32, as stored
         ones = torch.ones(self.out_features, device=W.device)
         f = [scales.get(n, ones) for n in merged]
         S = 1 + sum(fi - 1 for fi in f) if f else ones                   # [N]
-        W0 = W / S[:, None] - sum((fi / S)[:, None] * d for fi, d in zip(f, merged_deltas)) if merged else W
+        W0 = W / S[:, None] - sum((fi / S)[:, None] * d for fi, d in zip(f, deltas)) if merged else W
         if sign < 0:  # unmerge everything: back to W0
             for n in names:
                 scales.pop(n, None)
             return W0
-        for n, d in zip(names, deltas):
-            fn = self.adapters[n].merge_scale(W0) if getattr(self.adapters[n], "needs_base", False) else None
-            if fn is not None:
-                scales[n] = fn
+        for n in names:
+            adapter = self.adapters[n]
+            if getattr(adapter, "needs_base", False):
+                scales[n] = adapter.merge_scale(W0)
             merged.append(n)
-            merged_deltas.append(d)
+            deltas.append(adapter.delta_weight())
         f = [scales.get(n, ones) for n in merged]
         S = 1 + sum(fi - 1 for fi in f)
-        return S[:, None] * (W0 + sum((fi / S)[:, None] * d for fi, d in zip(f, merged_deltas)))
+        return S[:, None] * (W0 + sum((fi / S)[:, None] * d for fi, d in zip(f, deltas)))
 
-
-def _checked(w: torch.Tensor) -> torch.Tensor:
-    _check_finite(w)
-    return w
+    def _merged_bias(self, adapters: list, sign: int) -> Optional[torch.Tensor]:
+        """The base bias with the adapters' bias changes (IA3's output scale), None if none applies."""
+        b = getattr(self.base_layer, "bias", None)
+        if b is None or not any(hasattr(a, "merge_bias") for a in adapters):
+            return None
+        new = b
+        for a in adapters:
+            if hasattr(a, "merge_bias"):
+                new = a.merge_bias(new.float(), sign).to(b.dtype)
+        _check_finite(new)
+        return new
 
 
 def _check_finite(w: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels import DenseWeight, Int8Weight, NestedAbsmax, Quant4bitWeight
+from kernels import DenseWeight, Int8Weight, Quant4bitWeight
 from kernels import dequantize as _dequantize
 
 try:  # bitsandbytes is a dependency, but keep dense-only use working without it
@@ -96,15 +96,7 @@ def base_weight(layer: nn.Module):
     """A `kernels` record describing W [N=out, K=in] of `layer`, made of views of its storage."""
     if _is_4bit(layer):
         _check_not_cpu_packed(layer)
-        qs = _quant_state(layer)
-        nested = None
-        if qs.nested:
-            s2 = qs.state2
-            nested = NestedAbsmax(code=s2.code, absmax=s2.absmax, blocksize=s2.blocksize,
-                                  offset=float(qs.offset))
-        return Quant4bitWeight(packed=layer.weight.data, absmax=qs.absmax, code=qs.code,
-                               blocksize=qs.blocksize, shape=tuple(qs.shape), quant_type=qs.quant_type,
-                               dtype=qs.dtype, nested=nested)
+        return Quant4bitWeight.from_bnb(layer.weight.data, _quant_state(layer))
     if _is_int8(layer):
         return Int8Weight(CB=layer.weight.data, SCB=_int8_scb(layer))
     if isinstance(Conv1D, type) and isinstance(layer, Conv1D):
