@@ -143,11 +143,34 @@ def dropout_input(x: torch.Tensor, x_pre_amp: Optional[torch.Tensor], lora_dtype
     """
     xl = x_pre_amp if x_pre_amp is not None else (x if x.dtype == lora_dtype else x.to(lora_dtype))
     if seed is None:
-        xd = F.dropout(xl, p, training=True)  # torch's generator: peft's draw, bit for bit
+        xd = PeftDropoutFunction.apply(xl, p)  # torch's generator: peft's draw, bit for bit
     else:
         keep = reference.dropout_mask(seed, xl.numel() // xl.shape[-1], xl.shape[-1], p, xl.device)
         xd = reference.apply_dropout(xl, keep.view(xl.shape), p)
     return xd if xd.dtype == lora_dtype else xd.to(lora_dtype)
+
+
+class PeftDropoutFunction(torch.autograd.Function):
+    """xd [..., K] = dropout(xl) with F.dropout's own draw and bits on CPU, saving a bool mask.
+
+    CPU `F.dropout` is `noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise` and
+    keeps the fp32 `noise` [..., K] for backward (4 bytes per element; peft's graph holds it). We
+    draw and compute the same (same generator calls, same ops, so the same bits) but keep only
+    `noise != 0` (1 byte per element): the kept value of noise is one constant, recomputed exactly
+    by the same `div_` in backward, so the gradient grad * noise is bit-identical."""
+
+    @staticmethod
+    def forward(ctx, xl: torch.Tensor, p: float) -> torch.Tensor:
+        noise = torch.empty_like(xl).bernoulli_(1 - p)  # [..., K] 0./1., torch's default generator
+        noise.div_(1 - p)
+        ctx.save_for_backward(noise != 0)
+        ctx.p = p
+        return xl * noise
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return g * keep.to(g.dtype).div_(1 - ctx.p), None
 
 
 def _exact_scale(s: float) -> bool:

@@ -52,7 +52,7 @@ def _lora_params(model) -> dict:
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            key = name.replace("base_model.model.", "").replace(".default", "")
+            key = name.replace("base_model.model.", "").replace(".adapters.default", "").replace(".default", "")
             out[key.split("model.", 1)[-1]] = p
     return out
 
@@ -62,7 +62,7 @@ def test_loss_grads_and_adamw_trajectory_equal_peft_exactly(adapter, quantizatio
     ours, theirs = _pair(adapter, quantization)
     params = {"ours": _lora_params(ours), "peft": _lora_params(theirs)}
     assert params["ours"].keys() == params["peft"].keys() and len(params["ours"]) == 2 * 2 * len(TARGETS)
-    assert all(m.lora_dropout.p == P for m in ours.lora_layers().values())
+    assert all(m.lora_dropout["default"].p == P for m in ours.lora_layers().values())
 
     # one pass: loss and every gradient
     batch = example_inputs("llama", batch=2, seq=16)
