@@ -128,8 +128,9 @@ class LoraAdapter(nn.Module):
         """peft's orthogonal init (r even), drawing what peft draws, in its order, on the CPU
         generator: X ~ randn [r, r] -> Q (QR); A = (randn [K, r/2] @ Q[0::2]).T / 10 and
         B = randn [r/2, N].T @ Q[1::2] / 10. B A = G_B^T (Q[1::2] Q[0::2]^T) G_A^T = 0 (distinct
-        rows of Q are orthogonal): the output starts at the base with A and B both non-zero. (peft rounds A and B to the base dtype; ours keep the LoRA dtype,
-        as every other init here does.)"""
+        rows of Q are orthogonal): the output starts at the base with A and B both non-zero.
+        (peft rounds A and B to the base dtype; ours keep the LoRA dtype, as every other init
+        here does.)"""
         r = self.r
         if r % 2:
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")

@@ -114,11 +114,23 @@ def loftq(W: torch.Tensor, r: int, scaling: float, bits: int, iters: int
 
 
 # ---- on a layer -------------------------------------------------------------------------------------
-def check_layer(config: LoraConfig, path: str, base_layer: nn.Module, r: int) -> None:
-    """Raise ValueError if `config`'s init cannot run on this base layer (before the model changes)."""
+def _data_init(config) -> Optional[str]:
+    """"pissa" | "olora" | "loftq" for a LoraConfig asking for a data-dependent init, else None
+    (other methods' configs included)."""
+    if getattr(config, "peft_type", "LORA") != "LORA":
+        return None
     kind = init_kind(config.init_lora_weights)
-    if kind not in ("pissa", "olora", "loftq"):
+    return kind if kind in ("pissa", "olora", "loftq") else None
+
+
+def check_layer(config: LoraConfig, path: str, base_layer: nn.Module) -> None:
+    """Raise ValueError if `config`'s init cannot run on this base layer (before the model changes)."""
+    from .inject import pattern_value
+
+    kind = _data_init(config)
+    if kind is None:
         return
+    r = pattern_value(config.rank_pattern, path, config.r)
     k_in, n_out = quant.in_out_features(base_layer)
     if r > min(n_out, k_in):
         raise ValueError(f"init_lora_weights={config.init_lora_weights!r} on {path!r}: r={r} is larger than "
@@ -148,10 +160,10 @@ def prepare(adapter: nn.Module, config: LoraConfig, base_layer: nn.Module) -> Op
     """Set `adapter`'s A and B from `base_layer`'s weight as config.init_lora_weights says (the
     random draws peft makes, at the point it makes them) and return the base rewrite to apply
     later, or None for inits that leave the base alone. Reads the base; changes nothing in it."""
-    init = config.init_lora_weights
-    kind = init_kind(init)
-    if kind not in ("pissa", "olora", "loftq"):
+    kind = _data_init(config)
+    if kind is None:
         return None
+    init = config.init_lora_weights
     W = quant.dequantize_base(base_layer)                               # [N, K] fp32 copy
     r, s = adapter.r, adapter.scaling
     if kind == "pissa":

@@ -245,7 +245,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for name in names:  # what an init needs of each base layer, before anything is built
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, LoraLinear) else module
-        lora_init.check_layer(config, name, base, pattern_value(config.rank_pattern, name, config.r))
+        lora_init.check_layer(config, name, base)
     # Build every new adapter and layer first, then swap: a failure while building changes nothing.
     # Data-dependent inits (PiSSA, OLoRA, LoftQ) compute A and B here, layer by layer as peft does
     # (so pissa_niter's random draws come in peft's order), and rewrite the bases after the swap.

@@ -55,8 +55,7 @@ def test_sweep_2x2_over_dora_and_init(tmp_path, capsys):
     assert [(r["use_dora"], r["init_lora_weights"]) for r in rows] == [
         (False, "true"), (False, "pissa"), (True, "true"), (True, "pissa")]
     assert all(r["error"] == "" and math.isfinite(r["eval_loss"]) for r in rows), rows
-    conf = json.loads((tmp_path / "variants" / "runs" / "use_dora-True_init_lora_weights-pissa" / "adapter" /
-                       "adapter_config.json").read_text())
+    conf = json.loads((Path(rows[-1]["output_dir"]) / "adapter" / "adapter_config.json").read_text())
     assert (conf["use_dora"], conf["init_lora_weights"]) == (True, "pissa")
 
 

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import lora_core
-from adapter_pairs import build, no_cpu_repack
+from adapter_pairs import build
 from tiny_models import example_inputs, load_tiny, save_tiny
-from variant_pairs import adapter_tensors, logits_and_backward, max_rel, one_thread, pair, perturb_and_copy  # noqa: F401
+from variant_pairs import (adapter_tensors, logits_and_backward, max_rel, one_thread,  # noqa: F401
+                           pair, perturb_and_copy)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # LAPACK on tiny matrices: see variant_pairs
 
@@ -38,7 +39,8 @@ def test_dora_on_int8_equals_peft_on_its_weights(tmp_path):
     with torch.no_grad():
         for name, m in int8.named_modules():
             if isinstance(m, bnb.nn.Linear8bitLt):
-                dense.get_submodule(name).weight.copy_(bnb.functional.int8_vectorwise_dequant(m.weight.data, m.weight.SCB))
+                W = bnb.functional.int8_vectorwise_dequant(m.weight.data, m.weight.SCB)  # [N, K] fp32
+                dense.get_submodule(name).weight.copy_(W)
     torch.manual_seed(0)
     ours = lora_core.get_lora_model(int8, lora_core.LoraConfig(**cfg))
     torch.manual_seed(0)

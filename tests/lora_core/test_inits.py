@@ -75,7 +75,8 @@ def test_residual_inits_on_quantized_bases(llama_dir, init, quantization):
     batch = {"input_ids": example_inputs("llama")["input_ids"]}
     before = logits(no_cpu_repack(load_tiny(llama_dir, "llama", quantization)), batch)
     model = lora_core.get_lora_model(load_tiny(llama_dir, "llama", quantization),
-                                     lora_core.LoraConfig(init_lora_weights=init, r=8, target_modules=["q_proj", "up_proj"]))
+                                     lora_core.LoraConfig(init_lora_weights=init, r=8,
+                                                          target_modules=["q_proj", "up_proj"]))
     assert max_rel({"init": (logits(model, batch), before)}) <= 3e-2
     layer = model.lora_layers()["model.layers.0.mlp.up_proj"]
     assert quant.is_quantized(layer.base_layer)
@@ -144,7 +145,8 @@ def _train_and_convert(model, tmp_path, name):
     """Save the init, train 3 AdamW steps, save converted; returns (converted dir, trained logits)."""
     model.save_pretrained(tmp_path / f"{name}_init")
     losses(model, [example_inputs("llama", seed=20 + i) for i in range(3)], lr=2e-2)
-    model.save_pretrained(tmp_path / f"{name}_lora", path_initial_model_for_weight_conversion=str(tmp_path / f"{name}_init"))
+    model.save_pretrained(tmp_path / f"{name}_lora",
+                          path_initial_model_for_weight_conversion=str(tmp_path / f"{name}_init"))
     return tmp_path / f"{name}_lora"
 
 
@@ -181,7 +183,8 @@ def test_conversion_refusals(llama_dir, tmp_path):
     model.save_pretrained(tmp_path / "init")
     with pytest.raises(ValueError, match="DoRA"):
         model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    plain = lora_core.get_lora_model(load_tiny(llama_dir, "llama"), lora_core.LoraConfig(init_lora_weights="pissa", r=4))
+    plain = lora_core.get_lora_model(load_tiny(llama_dir, "llama"),
+                                     lora_core.LoraConfig(init_lora_weights="pissa", r=4))
     with pytest.raises(ValueError, match="other \\['r'\\]"):
         plain.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     plain.add_adapter("second", lora_core.LoraConfig(r=4))

@@ -30,7 +30,8 @@ def test_every_lora_flag_reaches_the_lora_config():
     lq = LoraConfig(**lora_kwargs(parse_args(["--init-lora-weights", "loftq", "--loftq-bits", "8",
                                               "--loftq-iter", "3", "--lora-bias", "--init-lora-weights", "false"])))
     assert (lq.init_lora_weights, lq.lora_bias, lq.loftq_config) == (False, True, {})
-    lq = LoraConfig(**lora_kwargs(parse_args(["--init-lora-weights", "loftq", "--loftq-bits", "8", "--loftq-iter", "3"])))
+    lq = LoraConfig(**lora_kwargs(parse_args(["--init-lora-weights", "loftq", "--loftq-bits", "8",
+                                              "--loftq-iter", "3"])))
     assert lq.loftq_config == {"loftq_bits": 8, "loftq_iter": 3}
     assert LoraConfig(**lora_kwargs(parse_args([]))).init_lora_weights is True  # the default: peft's
 
