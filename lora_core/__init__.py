@@ -7,12 +7,14 @@ model, merge and adapter combination, and PEFT-format adapter files.
 """
 from .adapters import LoraAdapter
 from .config import LoraConfig
+from .embedding import LoraEmbedding, LoraEmbeddingAdapter
 from .inject import ModulesToSave, find_targets, inject_lora
 from .layer import LoraLinear
 from .model import LoraModel, get_lora_model
 from .prepare import prepare_model_for_kbit_training
 from .status import TunerLayerStatus, TunerModelStatus
 
-__all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapter",
+__all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapter", "LoraEmbedding",
+           "LoraEmbeddingAdapter",
            "prepare_model_for_kbit_training", "ModulesToSave", "find_targets", "inject_lora",
            "TunerLayerStatus", "TunerModelStatus"]

@@ -45,9 +45,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import quant
+from . import tasks
 from .config import LoraConfig
-from .inject import ModulesToSave, find_targets, modules_to_save_names, pattern_value
+from .inject import ModulesToSave, find_targets, modules_to_save_names, new_adapter
 from .layer import LoraLinear
 from .model import LoraModel, _check_adapter_name, get_lora_model
 
@@ -70,8 +70,10 @@ def adapter_state_dict(model: LoraModel, adapter_name: str = DEFAULT) -> dict[st
     mts = _modules_to_save(hf)
     out: dict[str, torch.Tensor] = {}
     for path, layer in layers.items():
-        out[f"{path}.lora_A.weight"] = layer.adapters[adapter_name].lora_A.weight  # [r, in]
-        out[f"{path}.lora_B.weight"] = layer.adapters[adapter_name].lora_B.weight  # [out, r]
+        # the adapter's own parameter names: lora_A.weight [r, in], lora_B.weight [out, r]; on
+        # embeddings lora_embedding_A [r, V], lora_embedding_B [D, r] (peft's keys, no adapter name)
+        for key, t in layer.adapters[adapter_name].named_parameters():
+            out[f"{path}.{key}"] = t
     if cfg.bias == "all":
         # peft keeps every state-dict key ending in ".bias", wherever it lives.
         for key, t in _tensors(hf):
@@ -159,7 +161,7 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
     payload = {}  # folder relative to target ("" = root) -> (config dict, tensors)
     for name in names:
         tensors = _for_safetensors(adapter_state_dict(model, name))
-        if not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors):
+        if not any(name in layer.adapters for layer in model.lora_layers().values()):
             raise ValueError(f"adapter {name!r} is on no layer of this model (merge_and_unload() or unload() "
                              f"removed the LoRA layers): there is nothing to save; {str(target)!r} was not "
                              f"touched. Fix: save before merging, or save the merged model itself.")
@@ -275,6 +277,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike, adapter_name: str =
     local = _local_dir(directory, need_weights=True)
     config = read_config(local)
     config.inference_mode = not is_trainable
+    tasks.add_task_heads(config)  # as get_lora_model does, so the plan expects the head's tensors
     state = _read_weights(local)
     plan = _plan(base_model, config, state, local, adapter_name)  # raises before any change to base_model
 
@@ -298,6 +301,7 @@ def load_into(model: LoraModel, directory: PathLike, adapter_name: str, is_train
     local = _local_dir(directory, need_weights=True)
     config = read_config(local)
     config.inference_mode = not is_trainable
+    tasks.add_task_heads(config)  # as get_lora_model does, so the plan expects the head's tensors
     state = _read_weights(local)
     plan = _plan(model.base_model, config, state, local, adapter_name)
     model.add_adapter(adapter_name, config)  # validates the rest (bias rule) before changing anything
@@ -336,7 +340,7 @@ def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
         if not disk_key.startswith(PREFIX):
             unexpected.append(f"{disk_key} (peft keys start with {PREFIX!r})")
             continue
-        key = _from_disk_name(disk_key[len(PREFIX):], mts, adapter_name)
+        key = _from_disk_name(disk_key[len(PREFIX):], mts, adapter_name, expected)
         if key not in expected:
             unexpected.append(disk_key[len(PREFIX):])
             continue
@@ -348,7 +352,7 @@ def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
             quantized.append(key)
         else:
             plan[disk_key] = key
-    required = [f"{p}.adapters.{adapter_name}.lora_{ab}.weight" for p in sorted(targets) for ab in "AB"]
+    required = sorted(k for k in expected if _LORA_KEY.fullmatch(k) and f".adapters.{adapter_name}." in k)
     required += [k for k in expected if any(k.startswith(f"{x}.modules_to_save.{adapter_name}.") for x in mts)]
     missing = [k for k in required if k not in seen]
 
@@ -379,12 +383,10 @@ def _expected_tensors(tree: nn.Module, config: LoraConfig, targets: set[str], mt
     give: the adapter's LoRA weights and modules_to_save copies, and the base model's tensors."""
     out = {}
     for path in targets:
-        module = tree.get_submodule(path)
-        k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
-                       else quant.in_out_features(module))
-        r = pattern_value(config.rank_pattern, path, config.r)
-        out[f"{path}.adapters.{adapter_name}.lora_A.weight"] = ((r, k_in), torch.float32)
-        out[f"{path}.adapters.{adapter_name}.lora_B.weight"] = ((n_out, r), torch.float32)
+        # the adapter injection would build, shapes only (the meta device draws nothing)
+        adapter = new_adapter(config, path, tree.get_submodule(path), torch.float32, torch.device("meta"))
+        for key, p in adapter.named_parameters():
+            out[f"{path}.adapters.{adapter_name}.{key}"] = (tuple(p.shape), torch.float32)
     for key, t in _plain_tensors(tree):
         module_path, _, name = key.rpartition(".")
         spec = (tuple(t.shape), t.dtype)
@@ -409,9 +411,10 @@ def _get(tree: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _from_disk_name(key: str, mts: list[str], adapter_name: str) -> str:
-    """Disk key (prefix stripped) -> model key: `P.lora_A.weight` -> `P.adapters.<adapter>.lora_A.weight`;
-    modules_to_save `X.k` or `X.modules_to_save.k` -> `X.modules_to_save.<adapter>.k`."""
+def _from_disk_name(key: str, mts: list[str], adapter_name: str, expected=()) -> str:
+    """Disk key (prefix stripped) -> model key: `P.lora_A.weight` -> `P.adapters.<adapter>.lora_A.weight`
+    (any adapter tensor `P.t` whose `P.adapters.<adapter>.t` is in `expected`); modules_to_save
+    `X.k` or `X.modules_to_save.k` -> `X.modules_to_save.<adapter>.k`."""
     for path in mts:
         if key.startswith(f"{path}."):
             rest = key[len(path) + 1:]
@@ -420,25 +423,27 @@ def _from_disk_name(key: str, mts: list[str], adapter_name: str) -> str:
             if rest.startswith("modules_to_save."):
                 rest = rest[len("modules_to_save."):]
             return f"{path}.modules_to_save.{adapter_name}.{rest}"
-    m = _DISK_LORA_KEY.fullmatch(key)
-    if m:
-        return f"{m['path']}.adapters.{adapter_name}.{m['which']}.weight"
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the longest module path first
+        candidate = ".".join(parts[:i] + ["adapters", adapter_name] + parts[i:])
+        if candidate in expected:
+            return candidate
     return key
 
 
-_DISK_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<which>lora_[AB])\.weight")
-_LORA_KEY = re.compile(r"(?P<path>.+)\.adapters\.[^.]+\.(?P<which>lora_[AB])\.weight")
+# a model key of an adapter tensor: <path>.adapters.<name>.<tensor> (lora_A.weight, lora_embedding_A, ...)
+_LORA_KEY = re.compile(r"(?P<path>.+)\.adapters\.[^.]+\.(?P<which>[^.]+(?:\.weight)?)")
 
 
 def _disk_name_of(key: str, adapter_name: str) -> str:
     m = _LORA_KEY.fullmatch(key)
-    return f"{m['path']}.{m['which']}.weight" if m else key.replace(f".modules_to_save.{adapter_name}.", ".")
+    return f"{m['path']}.{m['which']}" if m else key.replace(f".modules_to_save.{adapter_name}.", ".")
 
 
 def _shape_msg(key: str, disk_name: str, got: list, want: list) -> str:
     """"lora_A of <path>: adapter [8, 64] vs model [8, 128]"; other tensors by their disk name."""
     m = _LORA_KEY.fullmatch(key)
-    name = f"{m['which']} of {m['path']}" if m else disk_name
+    name = f"{m['which'].removesuffix('.weight')} of {m['path']}" if m else disk_name
     return f"{name}: adapter {got} vs model {want}"
 
 

@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import tasks
 from .config import LoraConfig
 from .inject import (ModulesToSave, adapter_parameters, bias_parameters, check_no_lora, find_targets,
                      inject_lora, resolve_target_modules)
@@ -90,6 +91,8 @@ class LoraModel(nn.Module):
                 targets: Optional[list[str]] = None) -> None:
         config = _as_lora_config(config).copy()
         config.validate()  # fields may have been edited since construction
+        tasks.add_task_heads(config)  # the task's head trains in full and is never a LoRA target
+        tasks.check_task_heads(self.base_model, config)
         # Record what was resolved, as peft does (None -> the architecture's default list,
         # "all-linear" -> every linear layer's path), so adapter_config.json names what was adapted.
         resolved = resolve_target_modules(self.base_model, config)

@@ -58,6 +58,8 @@ def in_out_features(layer: nn.Module) -> tuple[int, int]:
         return layer.weight.shape[0], layer.weight.shape[1]  # Conv1D weight is [K, N]
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
+    if isinstance(layer, nn.Embedding):  # a lookup is a linear map of one-hot ids (lora_core.embedding)
+        return layer.num_embeddings, layer.embedding_dim
     raise TypeError(f"unsupported base layer {type(layer).__name__}")
 
 
@@ -111,6 +113,8 @@ def base_weight(layer: nn.Module):
         return DenseWeight(layer.weight.T)  # Conv1D stores [K, N]; .T is a strided view [N, K]
     if isinstance(layer, nn.Linear):
         return DenseWeight(layer.weight)
+    if isinstance(layer, nn.Embedding):  # W [V, D] is the [K, N] weight of a linear map of one-hot ids
+        return DenseWeight(layer.weight.T)
     raise TypeError(f"unsupported base layer {type(layer).__name__}; LoRA wraps nn.Linear, "
                     f"transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt")
 
