@@ -4,8 +4,12 @@ model, merge and adapter combination, and PEFT-format adapter files.
     from lora_core import LoraConfig, get_lora_model
     model = get_lora_model(base_model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.print_trainable_parameters()
+    model = AutoLoraModelForCausalLM.from_pretrained("path/to/adapter")  # the base its config names
 """
 from .adapters import LoraAdapter
+from .auto import (AutoLoraModel, AutoLoraModelForCausalLM, AutoLoraModelForFeatureExtraction,
+                   AutoLoraModelForQuestionAnswering, AutoLoraModelForSeq2SeqLM,
+                   AutoLoraModelForSequenceClassification, AutoLoraModelForTokenClassification)
 from .config import LoraConfig
 from .embedding import LoraEmbedding, LoraEmbeddingAdapter
 from .inject import ModulesToSave, find_targets, inject_lora
@@ -17,4 +21,7 @@ from .status import TunerLayerStatus, TunerModelStatus
 __all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapter", "LoraEmbedding",
            "LoraEmbeddingAdapter",
            "prepare_model_for_kbit_training", "ModulesToSave", "find_targets", "inject_lora",
-           "TunerLayerStatus", "TunerModelStatus"]
+           "TunerLayerStatus", "TunerModelStatus",
+           "AutoLoraModel", "AutoLoraModelForCausalLM", "AutoLoraModelForSeq2SeqLM",
+           "AutoLoraModelForSequenceClassification", "AutoLoraModelForTokenClassification",
+           "AutoLoraModelForQuestionAnswering", "AutoLoraModelForFeatureExtraction"]

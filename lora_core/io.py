@@ -2,7 +2,8 @@
 
 An adapter directory holds two files:
 
-    adapter_config.json         LoraConfig.to_dict(): peft's fields only, inference_mode true
+    adapter_config.json         LoraConfig.to_dict(): peft's fields only, inference_mode true, and
+                                without a task_type peft's auto_mapping (the base model's class)
     adapter_model.safetensors   metadata {"format": "pt"}; adapter_model.bin is read too
 
 Several adapters (peft's layout): the adapter named "default" at the folder root, every other one
@@ -208,6 +209,10 @@ def _config_for_disk(model: LoraModel, name: str) -> dict:
                                              or getattr(getattr(hf, "config", None), "_name_or_path", None)
                                              or None)
     config["inference_mode"] = True  # what peft writes: a saved adapter loads frozen unless asked
+    if config.get("task_type") is None:
+        # peft's auto_mapping: without a task type, the class that opens the base (AutoPeftModel)
+        cls = type(model.base_model)
+        config["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return config
 
 
