@@ -218,4 +218,13 @@ def disable_cpu_repack(model: nn.Module) -> None:
     """Stop bitsandbytes' eval-mode CPU repacking on every Linear4bit of `model` (a speed path only)."""
     for module in model.modules():
         if _is_4bit(module):
+            module.__dict__.setdefault("_cpu_repack_before_lora", getattr(module, "support_avx512bf16_for_cpu", None))
             module.support_avx512bf16_for_cpu = False
+
+
+def restore_cpu_repack(model: nn.Module) -> None:
+    """Undo disable_cpu_repack (unload: the base layers compute as bitsandbytes would without us)."""
+    for module in model.modules():
+        before = module.__dict__.pop("_cpu_repack_before_lora", None) if _is_4bit(module) else None
+        if before is not None:
+            module.support_avx512bf16_for_cpu = before
