@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The demo writes runs/demo; a rerun replaces the earlier demo run there (and says so), never a run
+# of yours elsewhere (plain `python -m train` refuses to overwrite runs/lorafuse).
+DEMO_DIR ?= runs/demo
+
 demo: setup
-	$(BIN)/python -m train
+	@if [ -e "$(DEMO_DIR)" ]; then echo "make demo: replacing the earlier demo run in $(DEMO_DIR)"; fi
+	$(BIN)/python -m train --output-dir $(DEMO_DIR) --overwrite-output-dir
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

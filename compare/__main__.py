@@ -19,6 +19,29 @@ def _prepare_triton_interpreter(argv: list[str]) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _num(p: argparse.ArgumentParser, flag: str, typ, default, help: str, **bounds) -> None:
+    """A numeric flag whose valid range (train.config.Bounds: gt/ge/lt/le; floats also finite) is
+    declared here once: --help shows it and `check_numbers` enforces it before any work."""
+    from train.config import Bounds
+
+    b = Bounds(**bounds)
+    shown = "" if default is None else f"; default: {default}"
+    act = p.add_argument(flag, type=typ, default=default, help=f"{help} (must be {b.rule(typ is float)}{shown})")
+    act.bounds = b
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """CompareError for the first numeric flag of the chosen command outside its declared range."""
+    from .models import CompareError
+
+    sub = parser.commands[args.command]
+    for act in sub._actions:
+        b = getattr(act, "bounds", None)
+        value = getattr(args, act.dest, None)
+        if b is not None and value is not None and not b.accepts(value):
+            raise CompareError(f"{act.option_strings[0]} must be {b.rule(act.type is float)} (got {value})")
+
+
 def _model_flags(p: argparse.ArgumentParser, kernel: bool = True) -> None:
     from .models import DTYPES, KERNELS, QUANTIZATIONS
 
@@ -32,15 +55,16 @@ def _model_flags(p: argparse.ArgumentParser, kernel: bool = True) -> None:
     if kernel:
         p.add_argument("--kernel", default="torch", choices=KERNELS,
                        help="our backend (triton on CPU runs in Triton's interpreter) (default: torch)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default: 16)")
+    _num(p, "--r", int, 8, "LoRA rank", gt=0)
+    _num(p, "--lora-alpha", int, 16, "LoRA alpha", gt=0)
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module name suffixes, or 'all-linear' "
                         "(default: the per-architecture default, same rule as peft)")
-    p.add_argument("--batch", type=int, default=2, help="sequences per batch (default: 2)")
-    p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA weights (default: 0)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    _num(p, "--batch", int, 2, "sequences per batch", gt=0)
+    _num(p, "--seq", int, 16, "tokens per sequence", ge=2)
+    _num(p, "--seed", int, 0, "seed of the LoRA weights", ge=0, le=2**32 - 1)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as JSON here (checked writable before any work)")
 
 
 def _spec(args):
@@ -59,46 +83,53 @@ def _spec(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compare",
-                                     description="Equivalence and speed of lorafuse against peft; ablation sweeps.")
+                                     description="Equivalence and speed of lorafuse against peft; ablation "
+                                                 "sweeps. Exit codes: 0 ok, 1 a check failed (equivalence) or "
+                                                 "a run failed (sweep), 2 bad input (before any work), 130 "
+                                                 "interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
     from .analyze import add_analyze_parser
-    add_analyze_parser(sub)
+    an = add_analyze_parser(sub)
 
     eq = sub.add_parser("equivalence", help="row-by-row numerical comparison with peft; exit 1 on any FAIL")
     _model_flags(eq)
-    eq.add_argument("--steps", type=int, default=4, help="AdamW steps in the trajectory check (default: 4)")
+    _num(eq, "--steps", int, 4, "AdamW steps in the trajectory check", ge=1)
 
     sp = sub.add_parser("speed", help="forward / forward+backward / optimizer-step time and memory vs peft")
     _model_flags(sp, kernel=False)
-    sp.add_argument("--steps", type=int, default=20, help="timed repetitions per variant (default: 20)")
-    sp.add_argument("--warmup", type=int, default=3, help="untimed warm-up repetitions (default: 3)")
-    sp.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's choice)")
-    sp.add_argument("--lora-dropout", type=float, default=0.0,
-                    help="dropout on the LoRA branch, both sides (default: 0; the recipes use 0.05)")
+    _num(sp, "--steps", int, 20, "timed repetitions per variant", ge=1)
+    _num(sp, "--warmup", int, 3, "untimed warm-up repetitions", ge=0)
+    _num(sp, "--threads", int, None, "torch intra-op threads; torch's choice when not given", ge=1)
+    _num(sp, "--lora-dropout", float, 0.0, "dropout on the LoRA branch, both sides (the recipes use 0.05)",
+         ge=0, lt=1)
     sp.add_argument("--memory-breakdown", action="store_true",
                     help="also print what the memory peak is made of (weights, optimizer state, "
                          "gradients, saved activations, other) and the bytes saved per LoRA layer name")
     sp.add_argument("--plot", default=None, metavar="PATH",
                     help="also write a PNG here: time per phase with p10-p90, ratio to peft, memory")
 
-    sw = sub.add_parser("sweep", help="short trainings over a grid of TrainConfig fields")
+    sw = sub.add_parser("sweep", help="short trainings over a grid of TrainConfig fields; exit 1 if a run failed")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="a TrainConfig field and its values; repeat for more axes")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a TrainConfig field fixed for every run; repeatable")
-    sw.add_argument("--max-steps", type=int, default=None, help="training steps per run (default: 20)")
-    sw.add_argument("--out", default="sweep_out", help="directory for results.csv/json and plot (default: sweep_out)")
+                    help="a TrainConfig field fixed for every run; repeatable (e.g. overwrite_output_dir=true "
+                         "to replace the runs of an earlier sweep in --out)")
+    _num(sw, "--max-steps", int, None, "training steps per run; 20 when not given", ge=1)
+    sw.add_argument("--out", default="sweep_out",
+                    help="directory for results.csv/json and plot; earlier results there are merged, not "
+                         "replaced (default: sweep_out)")
+    parser.commands = {"equivalence": eq, "speed": sp, "sweep": sw, "analyze": an}
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _prepare_triton_interpreter(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     from .models import CompareError
-    from .report import write_json
+    from .report import check_writable_file, write_json
 
     def say(msg: str) -> None:
         print(f"[compare] {msg}", file=sys.stderr, flush=True)
@@ -109,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         # The tables are the output; transformers' per-load progress bars would bury them.
         transformers.utils.logging.disable_progress_bar()
     try:
+        check_numbers(parser, args)
+        if getattr(args, "json", None):
+            check_writable_file(args.json, "--json")
         if args.command == "analyze":
             from .analyze import run_analyze_command
             return run_analyze_command(args, progress=say)
         if args.command == "equivalence":
             from .equivalence import run_equivalence
 
-            if args.steps < 1:
-                raise CompareError(f"--steps must be >= 1, got {args.steps}")
             report = run_equivalence(_spec(args), steps=args.steps, progress=say)
             print(report.format())
             if args.json:
@@ -125,16 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "speed":
             from .speed import format_speed, run_speed
 
-            if args.steps < 1 or args.warmup < 0:
-                raise CompareError(f"need --steps >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
             if args.threads is not None:
-                if args.threads < 1:
-                    raise CompareError(f"--threads must be >= 1, got {args.threads}")
                 import torch
 
                 torch.set_num_threads(args.threads)
-            if not 0.0 <= args.lora_dropout < 1.0:
-                raise CompareError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
             if args.plot is not None:
                 from .plots import check_png_path
 
@@ -150,19 +176,32 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {plot_speed(result, args.plot)}")
             return 0
         if args.command == "sweep":
-            from .ablation import format_rows, parse_grid, parse_settings, sweep
+            from .ablation import SweepInterrupted, failed, format_rows, parse_grid, parse_settings, sweep
 
             if not args.grid:
                 raise CompareError("give at least one --grid KEY=V1,V2 (a TrainConfig field and its values)")
             grid = parse_grid(args.grid)
             base = parse_settings(args.set)
-            rows = sweep(base, grid, out_dir=args.out, max_steps=args.max_steps, progress=say)
+            try:
+                rows = sweep(base, grid, out_dir=args.out, max_steps=args.max_steps, progress=say)
+            except SweepInterrupted as e:
+                print(f"\n{e}", file=sys.stderr)
+                return 130
             print(format_rows(rows))
             print(f"wrote {args.out}/results.csv, results.json, results.png")
+            bad = failed(rows)
+            if bad:
+                keys = list(grid)
+                names = "; ".join(", ".join(f"{k}={r[k]}" for k in keys) + f" ({r['error']})" for r in bad)
+                print(f"error: {len(bad)} of {len(rows)} settings failed: {names}", file=sys.stderr)
+                return 1
             return 0
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a sweep's first run, or during equivalence / speed
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -4,8 +4,18 @@
                          out_dir="sweep_out")
 
 writes sweep_out/results.csv, results.json and results.png (eval loss and step time per setting),
-one training run per grid point under sweep_out/runs/<setting>/. Every grid key and value is checked
-against TrainConfig (field names, types, choices) before the first run starts.
+one training run per grid point under sweep_out/runs/<setting>/. Before the first run, every grid
+key and value is checked against TrainConfig's own definitions (names, types, choices, numeric
+ranges: train.config), and every setting's whole config and run folder as train would check them.
+
+Nothing earlier is lost: results are written atomically (a temporary file renamed over the old
+one) and merged with the earlier results.json by run folder, where a failed run never replaces
+the row of an earlier successful run (train keeps that run's folder too); a run folder that holds an
+earlier run is refused up front unless `overwrite_output_dir` is set. Ctrl-C stops the whole sweep
+(SweepInterrupted) after saving the rows that finished.
+
+The parts, so seeds, resume and parallel jobs can be added beside them: `plan` (settings and their
+checked configs), `run_setting` (one training -> one row), `write_results` (merge + write).
 """
 from __future__ import annotations
 
@@ -13,6 +23,8 @@ import csv
 import dataclasses
 import io
 import itertools
+import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from .models import CompareError
 from .plots import plot_sweep
-from .report import jsonable, table, write_json, write_text
+from .report import check_writable_dir, jsonable, table, write_json, write_text
 
 # Fields a sweep sets itself for each run (or that make no sense per grid point).
 RESERVED = ("output_dir", "resume_from_checkpoint")
@@ -28,6 +40,16 @@ RESERVED = ("output_dir", "resume_from_checkpoint")
 # no generation samples, so a grid of tiny runs finishes in CI time.
 SWEEP_DEFAULTS = {"max_steps": 20, "eval_steps": 0, "save_steps": 0, "logging_steps": 5,
                   "tag_eval_samples": 0, "num_sample_generations": 0, "report_to": "none"}
+METRICS = ["eval_loss", "eval_loss_before", "train_loss", "step_time_s", "tokens_per_s", "tag_exact_match"]
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep. `.rows`: the settings that finished (saved in results.*)."""
+
+    def __init__(self, rows: list[dict], out: Path):
+        super().__init__(f"sweep interrupted after {len(rows)} finished run(s); their rows are saved in "
+                         f"{out}/results.csv and results.json")
+        self.rows = rows
 
 
 def _train():
@@ -51,9 +73,11 @@ def _type_name(f: dataclasses.Field) -> str:
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """`value` (a string from the CLI, or a Python value) as the field's type; CompareError if not."""
+    """`value` (a string from the CLI, or a Python value) as the field's type, checked against the
+    field's valid values (train.config: choices, numeric range, finite); CompareError if not."""
+    from train.config import value_problem
+
     t = _type_name(f)
-    choices = f.metadata.get("choices") if f.metadata else None
     try:
         if t == "bool":
             if isinstance(value, bool):
@@ -72,10 +96,11 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             out = float(value)
         else:
             out = value if not isinstance(value, (int, float)) or t != "str" else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise CompareError(f"{f.name}={value!r}: expected a value of type {t}") from None
-    if choices and out not in choices:
-        raise CompareError(f"{f.name}={value!r} is not valid; valid values: {', '.join(map(str, choices))}")
+    problem = value_problem(f, out)
+    if problem:
+        raise CompareError(f"{f.name}={value!r} is not valid: {problem}")
     return out
 
 
@@ -163,10 +188,41 @@ def sweep(base_config: Union[Mapping[str, Any], Any, None] = None,
     short-run settings, SWEEP_DEFAULTS). grid: {field: [values]} or ["field=v1,v2", ...].
     max_steps: overrides the steps of every run. Each row holds the setting, eval loss before and
     after, train loss, median step time, tokens/s, wall seconds, the run's output dir, and `error`
-    (empty when the run finished). Bad keys or values raise CompareError before any run.
+    (empty when the run finished). Bad keys or values, and run folders holding an earlier run,
+    raise CompareError before any run; a failed run is a row with its error (see `failed`);
+    Ctrl-C raises SweepInterrupted once the finished rows are saved.
     """
-    train, TrainConfig = _train()
+    train, _ = _train()
     say = progress or (lambda msg: None)
+    out = Path(out_dir)
+    settings, configs, keys, base = plan(base_config, grid, out, max_steps)
+    rows: list[dict] = []
+    for i, (s, cfg) in enumerate(zip(settings, configs)):
+        say(f"run {i + 1}/{len(settings)}: {s}")
+        try:
+            rows.append(run_setting(train, s, cfg))
+        except KeyboardInterrupt:  # Ctrl-C (run_setting turns train's TrainInterrupted into this)
+            write_results(rows, keys, base, out, configs)
+            raise SweepInterrupted(rows, out) from None
+        if rows[-1]["error"]:
+            say(f"run {i + 1}/{len(settings)} failed: {rows[-1]['error']}")
+    write_results(rows, keys, base, out, configs)
+    return rows
+
+
+def failed(rows: list[dict]) -> list[dict]:
+    """The rows of settings whose run failed."""
+    return [r for r in rows if r.get("error")]
+
+
+def plan(base_config, grid, out: Path, max_steps: Optional[int] = None
+         ) -> tuple[list[dict], list[Any], list[str], dict]:
+    """Every setting of the grid and its TrainConfig, all checked before any run: keys and values
+    against TrainConfig's definitions, each whole config as train.preflight checks it (the machine,
+    the model, the targets), each run folder (no earlier run unless overwrite_output_dir), the
+    output folder and an earlier results.json (readable, so it can be merged, never replaced).
+    Returns (settings, configs, grid keys, base config)."""
+    train, TrainConfig = _train()
     if grid is None:
         raise CompareError("sweep needs a grid: {TrainConfig field: [values]}")
     if not isinstance(grid, Mapping):
@@ -182,47 +238,101 @@ def sweep(base_config: Union[Mapping[str, Any], Any, None] = None,
             raise CompareError(f"max_steps must be >= 1, got {max_steps}")
         base["max_steps"] = max_steps
     base, grid = validate_grid(TrainConfig, base, grid)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out, "--out")
+    earlier_results(out)  # raises if unreadable: it could not be merged
     keys = list(grid)
     settings = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
     configs = []
-    for s in settings:  # build every config first: TrainConfig's own checks fail before any run
+    for s in settings:  # build and check every config first: nothing runs if one is invalid
         try:
-            configs.append(TrainConfig(**{**base, **s, "output_dir": str(out / "runs" / _setting_name(s))}))
+            cfg = TrainConfig(**{**base, **s, "output_dir": str(out / "runs" / _setting_name(s))})
         except (TypeError, ValueError) as e:
             raise CompareError(f"setting {s}: {e}") from None
-
-    rows = []
-    for i, (s, cfg) in enumerate(zip(settings, configs)):
-        say(f"run {i + 1}/{len(settings)}: {s}")
-        t0 = time.perf_counter()
-        row = {**s, "eval_loss": None, "eval_loss_before": None, "train_loss": None,
-               "step_time_s": None, "tokens_per_s": None, "tag_exact_match": None}
+        _check_run_dir(cfg, s)
         try:
-            row.update(_summarise(train.run(cfg)))
-            row["error"] = ""
-        except Exception as e:  # a failed run is a result of the sweep, not the end of it
-            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-        row["seconds"] = time.perf_counter() - t0
-        row["output_dir"] = cfg.output_dir
-        rows.append(row)
-    write_results(rows, keys, base, out)
-    return rows
+            train.preflight(cfg)
+        except train.TrainError as e:
+            raise CompareError(f"setting {s}: {e}") from None
+        configs.append(cfg)
+    return settings, configs, keys, base
 
 
-def write_results(rows: list[dict], keys: list[str], base: Mapping[str, Any], out: Path) -> None:
-    """results.csv, results.json and results.png in `out`, each written to a temp name then renamed."""
-    cols = list(keys) + ["eval_loss", "eval_loss_before", "train_loss", "step_time_s", "tokens_per_s",
-                         "tag_exact_match", "seconds", "error", "output_dir"]
+def _check_run_dir(cfg, setting: dict) -> None:
+    from train.outputs import describe, run_entries
+
+    entries = run_entries(Path(cfg.output_dir))
+    if entries and not cfg.overwrite_output_dir:
+        raise CompareError(f"setting {setting}: its run folder {cfg.output_dir} holds an earlier run "
+                           f"({describe(entries)}); use another --out, or --set overwrite_output_dir=true "
+                           f"to replace the earlier runs (each is kept if its new run fails)")
+
+
+def run_setting(train, setting: dict, cfg) -> dict:
+    """Train one setting; its row (metrics, seconds, output_dir, and `error`: '' when it finished).
+    A failed run is a result of the sweep, not the end of it; Ctrl-C is (KeyboardInterrupt)."""
+    t0 = time.perf_counter()
+    row = {**setting, **{m: None for m in METRICS}}
+    try:
+        row.update(_summarise(train.run(cfg)))
+        row["error"] = ""
+    except train.TrainInterrupted as e:
+        raise KeyboardInterrupt(str(e)) from None
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+    row["seconds"] = time.perf_counter() - t0
+    row["output_dir"] = cfg.output_dir
+    return row
+
+
+def earlier_results(out: Path) -> list[dict]:
+    """The rows of an earlier sweep's results.json in `out` ([] if none); CompareError if the file
+    exists but cannot be read (then it is never overwritten)."""
+    path = out / "results.json"
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "output_dir" in r for r in rows):
+            raise ValueError("rows without output_dir")
+        return rows
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CompareError(f"{path} exists but cannot be read ({e}); move it away or use another --out "
+                           f"(a sweep merges its rows into it, never replaces it)") from None
+
+
+def write_results(rows: list[dict], keys: list[str], base: Mapping[str, Any], out: Path,
+                  configs: Iterable[Any] = ()) -> list[dict]:
+    """Merge this sweep's rows into out/results.* and write results.csv, results.json, results.png
+    (each to a temporary name, then renamed). Returns the merged rows.
+
+    Rows are matched by run folder (output_dir): a new row replaces the earlier one unless the new
+    run failed and the earlier one had not (the earlier run's folder is still there, untouched);
+    earlier rows of other settings are kept. JSON rows also carry each run's full config.
+    """
+    by_dir = {r["output_dir"]: r for r in earlier_results(out)}
+    config_of = {c.output_dir: jsonable(c.to_dict()) for c in configs}
+    for r in rows:
+        old = by_dir.get(r["output_dir"])
+        if r.get("error") and old is not None and not old.get("error"):
+            continue
+        by_dir[r["output_dir"]] = {**r, "config": config_of.get(r["output_dir"])}
+    merged = list(by_dir.values())
+    # The grid keys of this sweep first, then those only earlier sweeps had (blank in other rows).
+    all_keys = list(dict.fromkeys(list(keys) + [k for r in merged for k in r if k not in _ROW_FIELDS]))
+    cols = all_keys + METRICS + ["seconds", "error", "output_dir"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
-    for r in rows:
+    for r in merged:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.csv", buf.getvalue())
-    write_json(out / "results.json", {"grid_keys": keys, "base_config": jsonable(dict(base)), "rows": rows})
-    plot_sweep(rows, keys, out / "results.png")
+    write_json(out / "results.json", {"grid_keys": all_keys, "base_config": jsonable(dict(base)), "rows": merged})
+    plot_sweep(merged, all_keys, out / "results.png")
+    return merged
+
+
+_ROW_FIELDS = set(METRICS) | {"seconds", "error", "output_dir", "config"}
 
 
 def format_rows(rows: list[dict]) -> str:

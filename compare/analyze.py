@@ -448,8 +448,8 @@ def short_names(paths: list[str]) -> dict[str, str]:
 
 
 # ---- the CLI (python -m compare analyze; compare/__main__.py dispatches here) -------------------------
-def add_analyze_parser(sub) -> None:
-    """The `analyze` subcommand and its flags, on compare's subparsers."""
+def add_analyze_parser(sub):
+    """The `analyze` subcommand and its flags, on compare's subparsers; returns its parser."""
     p = sub.add_parser("analyze", help="per-layer spectra, effective rank, norms, amplification and "
                                        "subspace similarity of a LoRA adapter (Hu et al. 2021, section 7)")
     p.add_argument("adapter", help="PEFT-format adapter folder (ours or peft's), a run folder holding "
@@ -468,6 +468,7 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--out", default="analysis_out",
                    help="folder for analysis.json and the PNGs (default: analysis_out)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis in --out")
+    return p
 
 
 def run_analyze_command(args, progress: Optional[Callable[[str], None]] = None) -> int:

@@ -154,9 +154,11 @@ def _size(n: float) -> str:
 def plot_sweep(rows: Sequence[Mapping], keys: Sequence[str], path: Union[str, os.PathLike]) -> Path:
     """Two panels from a sweep's rows: final eval loss, and mean step time with each setting's
     ratio to the first one that finished ("failed" over a run that did not)."""
-    groups = ["\n".join(f"{k}={r[k]}" for k in keys) for r in rows]
-    loss = [NAN if r.get("eval_loss") is None else r["eval_loss"] for r in rows]
-    step = [NAN if r.get("step_time_s") is None else r["step_time_s"] * 1e3 for r in rows]
+    # rows may come from several sweeps merged into one results.json (keys missing in some) and
+    # from JSON (a metric written as null or "nan")
+    groups = ["\n".join(f"{k}={r[k]}" for k in keys if k in r) for r in rows]
+    loss = [_as_float(r.get("eval_loss")) for r in rows]
+    step = [_as_float(r.get("step_time_s")) * 1e3 for r in rows]
     first = next((s for s in step if not math.isnan(s)), NAN)
 
     def texts(vals, fmt):
@@ -168,3 +170,11 @@ def plot_sweep(rows: Sequence[Mapping], keys: Sequence[str], path: Union[str, os
     bars(s_ax, groups, {"step": step}, labels={"step": texts(step, lambda v: f"{v:.3g} ({v / first:.2f}x)")},
          title="mean step time (ratio to the first finished setting)", ylabel="ms")
     return save_png(fig, path)
+
+
+def _as_float(v) -> float:
+    """A metric as a float; NaN for None or a value that is not a number."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return NAN

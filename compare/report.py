@@ -117,18 +117,63 @@ def write_json(path: os.PathLike | str, obj: Any) -> Path:
 
 def write_text(path: os.PathLike | str, text: str) -> Path:
     """Atomic text write: nothing half-written is ever left under `path`."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: os.PathLike | str, data: bytes) -> Path:
+    """Atomic write: the bytes go to a temporary file beside `path` (same filesystem), are flushed
+    to disk, and the file is renamed over `path` in one step. A crash, a full disk or Ctrl-C leaves
+    either the old file or the new one, never a mix; the temporary file is removed on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable_file(path: os.PathLike | str, flag: str) -> None:
+    """Raise CompareError unless a file can be written at `path` (checked before any work): it is
+    not a folder, and its nearest existing parent is a writable folder."""
+    from .models import CompareError
+
+    path = Path(path)
+    if path.is_dir():
+        raise CompareError(f"{flag} {path} is a directory; pass a file path")
+    _check_writable_parent(path.parent, flag, path)
+
+
+def check_writable_dir(path: os.PathLike | str, flag: str) -> None:
+    """Raise CompareError unless `path` is (or can be created as) a writable folder."""
+    from .models import CompareError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CompareError(f"{flag} {path} exists and is not a directory; pass a directory path")
+    _check_writable_parent(path, flag, path)
+
+
+def _check_writable_parent(folder: Path, flag: str, shown: Path) -> None:
+    from .models import CompareError
+
+    anc = folder
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise CompareError(f"{flag} {shown} cannot be created: {anc} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise CompareError(f"{flag} {shown} is not writable ({e.strerror} in {anc})") from None
 
 
 def _umask() -> int:

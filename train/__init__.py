@@ -9,16 +9,15 @@ train/assets/tiny_llama.json, a char-level tokenizer, and the bundled quote -> t
 """
 from .config import BUILTIN_DATASET, BUILTIN_MODEL, TrainConfig, build_parser, parse_args
 
-__all__ = ["TrainConfig", "TrainResult", "TrainError", "TrainInterrupted", "run", "build_parser",
-           "parse_args", "BUILTIN_MODEL", "BUILTIN_DATASET"]
+from .errors import TrainDiverged, TrainError, TrainFailed, TrainInterrupted
+
+__all__ = ["TrainConfig", "TrainResult", "TrainError", "TrainFailed", "TrainDiverged", "TrainInterrupted",
+           "run", "preflight", "build_parser", "parse_args", "BUILTIN_MODEL", "BUILTIN_DATASET"]
 
 
 def __getattr__(name):
     # torch / transformers / accelerate load only when a run needs them, so `--help` is instant.
-    if name in ("run", "TrainResult", "TrainInterrupted"):
+    if name in ("run", "preflight", "TrainResult"):
         from . import loop
         return getattr(loop, name)
-    if name == "TrainError":
-        from .models import TrainError
-        return TrainError
     raise AttributeError(f"module 'train' has no attribute {name!r}")

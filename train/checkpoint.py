@@ -3,7 +3,9 @@
 Layout of `<output-dir>/checkpoint-<step>/`: Accelerate's optimizer.bin, scheduler.bin,
 random_states_<rank>.pkl (python/numpy/torch RNG of every process), plus ours:
 adapter_state.safetensors (the trainable parameters only; the frozen base is rebuilt from --model)
-and trainer_state.json (step, epoch, log history, the before-training eval).
+and trainer_state.json (step, epoch, log history, the before-training eval, the run's config and
+number of processes). A resume checks all of it first (`check_checkpoint`): a damaged or partial
+checkpoint, or settings that define the training differently, stop the run before it starts.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models import TrainError
+from . import outputs
+from .config import TrainConfig, resume_mismatches
+from .errors import TrainError
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
@@ -74,9 +78,12 @@ def register_hooks(accelerator) -> None:
             state = load_file(str(Path(input_dir) / _name(i)))
             params = dict(accelerator.unwrap_model(model).named_parameters())
             missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-            if missing or any(n not in params for n in state):
-                raise TrainError(f"checkpoint {input_dir} does not fit this model "
-                                 f"(missing {missing[:3]}...); resume with the same --model and LoRA flags")
+            unexpected = [n for n in state if n not in params]
+            if missing or unexpected:
+                raise TrainError(f"checkpoint {input_dir} does not fit this model ({len(missing)} trainable "
+                                 f"parameter(s) missing from it, e.g. {missing[:2]}; {len(unexpected)} "
+                                 f"unknown to this model, e.g. {unexpected[:2]}); resume with the same "
+                                 f"--model and LoRA flags")
             with torch.no_grad():
                 for n, t in state.items():
                     params[n].copy_(t)
@@ -106,15 +113,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE).write_text(json.dumps(state))
-        if final.exists():  # a fresh run re-writing an earlier run's step: swap, then delete old
-            old = output_dir / f".old-{PREFIX}{step}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        outputs.replace_dir(tmp, final)  # final exists when a resume re-writes a step
         ckpts = list_checkpoints(output_dir)
-        # Checkpoints of an earlier, longer run would shadow this one for `latest`: drop them.
+        # Checkpoints after this step belong to the branch this run left (a resume from an older
+        # checkpoint, allowed with --overwrite-output-dir): they would shadow it for `latest`.
         for p in ckpts:
             if int(p.name[len(PREFIX):]) > step:
                 shutil.rmtree(p)
@@ -124,6 +126,64 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit
                 shutil.rmtree(p)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_checkpoint(path: Path, cfg: TrainConfig, world: int) -> dict:
+    """Check a checkpoint before anything is loaded or written; return its trainer_state.
+
+    TrainError (one line) when a file is missing or unreadable (a truncated optimizer.bin, bad
+    JSON, a missing RNG state), when its weights are non-finite, or when `cfg` defines the training
+    differently from the run that wrote it (listed as `field: old -> new`).
+    """
+    from accelerate.utils import load  # Accelerate's own loader: what load_state will call
+
+    def damaged(what: str) -> TrainError:
+        return TrainError(f"checkpoint {path} is damaged or incomplete: {what}; resume from another "
+                          f"checkpoint-* (or --resume-from-checkpoint with its path), or start a new run")
+
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(f"{STATE} cannot be read ({e})") from None
+    need = {"step": int, "log": list, "before": dict, "config": dict}
+    bad = [k for k, t in need.items() if not isinstance(state.get(k) if isinstance(state, dict) else None, t)]
+    if bad:
+        raise damaged(f"{STATE} lacks {', '.join(bad)}")
+    stored_world = state.get("world_size", len(list(path.glob("random_states_*.pkl"))))
+    if stored_world != world:
+        raise TrainError(f"checkpoint {path} was written by {stored_world} process(es), this run has "
+                         f"{world}; the global batch and data order would change: resume with "
+                         f"{stored_world} process(es)")
+    diffs = resume_mismatches(state["config"], cfg)
+    if diffs:
+        raise TrainError(f"--resume-from-checkpoint {path}: these settings differ from the checkpoint's "
+                         f"run: {'; '.join(diffs)}; resume with its values, or start a new run in another "
+                         f"--output-dir (a resume may change only the run's length, the logging, eval and checkpoint "
+                         f"cadence, eval/generation sizes, outputs and speed flags: train.config.RESUME_MAY_CHANGE)")
+    if 0 < cfg.max_steps < state["step"]:
+        raise TrainError(f"--max-steps {cfg.max_steps} ends before the checkpoint's step {state['step']}; "
+                         f"pass --max-steps >= {state['step']}")
+    files = [ADAPTER_STATE, "optimizer.bin", "scheduler.bin"] + [f"random_states_{i}.pkl" for i in range(world)]
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise damaged(f"{', '.join(missing)} missing")
+    try:
+        weights = load_file(str(path / ADAPTER_STATE))
+    except Exception as e:
+        raise damaged(f"{ADAPTER_STATE} cannot be read ({_first_line(e)})") from None
+    nonfinite = [n for n, t in weights.items() if not torch.isfinite(t).all()]
+    if nonfinite:
+        raise damaged(f"{ADAPTER_STATE} holds non-finite values in {nonfinite[0]}")
+    for f in files[1:]:
+        try:
+            load(path / f, map_location="cpu")
+        except Exception as e:
+            raise damaged(f"{f} cannot be read ({_first_line(e)})") from None
+    return state
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:

@@ -1,23 +1,71 @@
-"""TrainConfig: every knob of a run, and the argparse CLI generated from it.
+"""TrainConfig: every knob of a run, the argparse CLI generated from it, and the checks of its values.
 
-The dataclass below is the ONE list of options: each field's default and `help` metadata make the
-`--flag` (underscores become dashes, as in HF `TrainingArguments`), so the CLI, `--help` and the
-Python API can never disagree. Booleans become `--flag / --no-flag`.
+The dataclass below is the ONE list of options. Each field is declared with `_f(default, help, ...)`:
+its default and help make the `--flag` (underscores become dashes, as in HF `TrainingArguments`;
+booleans become `--flag / --no-flag`), and its valid values (`choices=`, or the bounds `gt= ge= lt=
+le=`, floats always finite) make both the `--help` text and the check `check_config` runs before any
+work. So `--help`, the check and its error message come from one definition, for the CLI, the Python
+API and `compare sweep`'s grid values alike. To add an option: add one field here (and, if changing
+it must not be allowed on resume, nothing else; see RESUME_MAY_CHANGE).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import TrainError
+
 BUILTIN_MODEL = "builtin:tiny-llama"  # the tiny Llama built from train/assets/tiny_llama.json
 BUILTIN_DATASET = "builtin:tagger"  # train/assets/tagger.jsonl (scripts/make_tagger_data.py)
+SEED_MAX = 2**32 - 1  # numpy's seed range (set_seed seeds numpy too)
+FLOAT32_MAX = 3.4028234663852886e38  # torch's fp32 optimizer math raises on a larger learning rate
 
 
-def _f(default: Any, help: str, choices: tuple | None = None):
-    """A dataclass field carrying its CLI help text (and choices) as metadata."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric option: value > gt, >= ge, < lt, <= le (None: no bound)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def __str__(self) -> str:
+        lo = f"({_num(self.gt)}" if self.gt is not None else f"[{_num(self.ge)}" if self.ge is not None else None
+        hi = f"{_num(self.lt)})" if self.lt is not None else f"{_num(self.le)}]" if self.le is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f"{'>' if lo[0] == '(' else '>='} {lo[1:]}"
+        if hi:
+            return f"{'<' if hi[-1] == ')' else '<='} {hi[:-1]}"
+        return ""
+
+    def accepts(self, v: float) -> bool:
+        """Within the bounds (and finite, for a float)."""
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def rule(self, floating: bool) -> str:
+        """What `accepts` means, in words: '> 0', 'finite and in [0, 1)', ..."""
+        return (f"finite and {self}" if str(self) else "finite") if floating else str(self)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, *, gt: float | None = None,
+       ge: float | None = None, lt: float | None = None, le: float | None = None, nonempty: bool = False):
+    """A TrainConfig field: its default, CLI help and valid values (choices, numeric bounds, or a
+    string that must not be empty). Floats must also be finite."""
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": Bounds(gt, ge, lt, le),
+                                            "nonempty": nonempty})
 
 
 @dataclass
@@ -26,59 +74,162 @@ class TrainConfig:
 
     # --- model -------------------------------------------------------------------------------
     model: str = _f(BUILTIN_MODEL, "hub id or local directory of a causal LM (seq2seq when the config "
-                    "is encoder-decoder); the default is a tiny Llama built from a config in the package")
+                    "is encoder-decoder); the default is a tiny Llama built from a config in the package",
+                    nonempty=True)
     quantization: str = _f("none", "load the base through bitsandbytes: nf4 (double quant, bf16 "
                            "compute), fp4, int8 or none", ("none", "nf4", "fp4", "int8"))
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     # --- LoRA --------------------------------------------------------------------------------
-    r: int = _f(16, "LoRA rank")
-    lora_alpha: float = _f(32.0, "LoRA alpha; scaling = lora_alpha / r")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA branch input")
-    target_modules: str = _f("all-linear", "comma-separated module names to adapt, or all-linear")
-    kernel: str = _f("auto", "LoRA forward/backward backend", ("auto", "torch", "triton"))
+    r: int = _f(16, "LoRA rank", gt=0)
+    lora_alpha: float = _f(32.0, "LoRA alpha; scaling = lora_alpha / r", gt=0)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch input", ge=0, lt=1)
+    target_modules: str = _f("all-linear", "comma-separated module names to adapt, or all-linear",
+                             nonempty=True)
+    kernel: str = _f("auto", "LoRA forward/backward backend (triton needs CUDA, or TRITON_INTERPRET=1 on CPU)",
+                     ("auto", "torch", "triton"))
     # --- data --------------------------------------------------------------------------------
     dataset: str = _f(BUILTIN_DATASET, "hub dataset name (online) or a local .json/.jsonl/.csv/"
-                      ".parquet/.txt file or directory; the default is the bundled quote tagger set")
-    text_template: str = _f("{quote} ->: {tags}", "str.format template building each text from columns")
+                      ".parquet/.txt file or directory; the default is the bundled quote tagger set",
+                      nonempty=True)
+    text_template: str = _f("{quote} ->: {tags}", "str.format template building each text from columns",
+                            nonempty=True)
     completion_separator: str = _f(" ->: ", "text in the template that ends the prompt; the completion "
                                    "follows it (used by --completion-only-loss and the tag score)")
     completion_only_loss: bool = _f(True, "train only on the completion after --completion-separator "
                                     "(labels -100 on the prompt)")
-    max_length: int = _f(128, "truncate each tokenized text to this many tokens")
+    max_length: int = _f(128, "truncate each tokenized text to this many tokens", gt=0)
     packing: bool = _f(False, "concatenate texts and cut them into --max-length blocks")
-    eval_split_size: float = _f(0.1, "fraction held out for eval when the dataset has no eval split")
+    eval_split_size: float = _f(0.1, "fraction held out for eval when the dataset has no eval split",
+                                gt=0, lt=1)
     # --- optimisation ------------------------------------------------------------------------
     max_steps: int = _f(500, "optimizer steps to run; <= 0 means use --num-train-epochs")
-    num_train_epochs: float = _f(3.0, "epochs to run when --max-steps <= 0")
-    per_device_train_batch_size: int = _f(16, "micro-batch size per process")
-    per_device_eval_batch_size: int = _f(32, "eval batch size per process")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(3e-3, "peak learning rate of AdamW")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(50, "linear warm-up steps")
+    num_train_epochs: float = _f(3.0, "epochs to run when --max-steps <= 0", ge=0)
+    per_device_train_batch_size: int = _f(16, "micro-batch size per process", gt=0)
+    per_device_eval_batch_size: int = _f(32, "eval batch size per process", gt=0)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", gt=0)
+    learning_rate: float = _f(3e-3, "peak learning rate of AdamW", gt=0, le=FLOAT32_MAX)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    warmup_steps: int = _f(50, "linear warm-up steps", ge=0)
     lr_scheduler_type: str = _f("linear", "schedule after warm-up (transformers.get_scheduler)",
                                 ("linear", "cosine", "constant", "constant_with_warmup"))
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (<= 0: no clipping)")
     mixed_precision: str = _f("no", "autocast dtype for the forward", ("no", "fp16", "bf16"))
     cpu_threads: int = _f(0, "torch CPU threads per process; 0 = auto (1 for the built-in tiny model, "
-                          "whose ops are too small to split; torch's default otherwise)")
-    seed: int = _f(42, "seed for the model init, LoRA init, data order and dropout")
+                          "whose ops are too small to split; torch's default otherwise)", ge=0)
+    seed: int = _f(42, "seed for the model init, LoRA init, data order and dropout", ge=0, le=SEED_MAX)
     # --- logging, eval, checkpoints, outputs -------------------------------------------------
-    output_dir: str = _f("runs/lorafuse", "where log.jsonl, loss.png, checkpoints and the adapter go")
-    logging_steps: int = _f(25, "log the train loss every N optimizer steps")
+    output_dir: str = _f("runs/lorafuse", "where log.jsonl, loss.png, checkpoints and the adapter go",
+                         nonempty=True)
+    overwrite_output_dir: bool = _f(False, "replace the earlier run in --output-dir (it is kept until "
+                                    "this run writes its first checkpoint or finishes)")
+    logging_steps: int = _f(25, "log the train loss every N optimizer steps", gt=0)
     eval_steps: int = _f(100, "evaluate every N optimizer steps (<= 0: only before and after)")
-    save_steps: int = _f(100, "checkpoint every N optimizer steps (<= 0: no checkpoints)")
+    save_steps: int = _f(100, "checkpoint every N optimizer steps and at the last step (<= 0: no "
+                         "checkpoints)")
     save_total_limit: int = _f(2, "keep only the last N checkpoints (<= 0: keep all)")
     resume_from_checkpoint: str = _f("", "latest or a checkpoint directory to continue a run from")
-    tag_eval_samples: int = _f(64, "eval prompts for the exact-match completion (tag) score; 0 = skip")
-    num_sample_generations: int = _f(3, "eval prompts whose generations are printed at the end")
-    max_new_tokens: int = _f(32, "generation length for the tag score and the samples")
+    tag_eval_samples: int = _f(64, "eval prompts for the exact-match completion (tag) score; 0 = skip", ge=0)
+    num_sample_generations: int = _f(3, "eval prompts whose generations are printed at the end", ge=0)
+    max_new_tokens: int = _f(32, "generation length for the tag score and the samples", gt=0)
     merge: bool = _f(False, "also write a merged full model + tokenizer to <output-dir>/merged")
     report_to: str = _f("auto", "tensorboard, none, or auto (tensorboard when installed)",
                         ("auto", "tensorboard", "none"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Fields a resumed run may set differently from its checkpoint: they change what is logged,
+# evaluated, saved or printed, where outputs go, or how fast the same math runs, never the training
+# itself. Every other field defines the training (the model, the data and its order, the LoRA
+# layers, the optimizer and schedule, the numerics): a resume with another value is refused.
+# max_steps / num_train_epochs may change (a run can be extended or ended earlier), but the run
+# must not end before the checkpoint's step; note the schedule then decays to the new length.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "num_train_epochs",                                      # the run's length
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit",      # cadence
+    "per_device_eval_batch_size", "tag_eval_samples", "num_sample_generations", "max_new_tokens",  # eval
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "merge", "report_to",  # outputs
+    "cpu_threads", "kernel", "gradient_checkpointing",                    # speed/memory, same math
+})
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a TrainConfig field: learning_rate -> --learning-rate."""
+    return "--" + name.replace("_", "-")
+
+
+def fields() -> dict[str, dataclasses.Field]:
+    """TrainConfig's fields by name, in declaration order."""
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _type(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def rule(f: dataclasses.Field) -> str:
+    """What values `f` accepts, as --help and the error messages say it ('' when any value of its
+    type is fine)."""
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(str, m["choices"]))
+    if _type(f) in ("int", "float"):
+        return (m.get("bounds") or Bounds()).rule(_type(f) == "float")
+    return "not empty" if m.get("nonempty") else ""
+
+
+def value_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why `value` is not valid for field `f` ('must be > 0'), or None when it is."""
+    t = _type(f)
+    m = f.metadata
+    if t == "bool":
+        ok = isinstance(value, bool)
+    elif t == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        return f"must be {'an integer' if t == 'int' else 'a number' if t == 'float' else 'a ' + t}"
+    if m.get("choices") and value not in m["choices"]:
+        return f"must be {rule(f)}"
+    if t in ("int", "float") and not (m.get("bounds") or Bounds()).accepts(float(value) if t == "float" else value):
+        return f"must be {rule(f)}"
+    if m.get("nonempty") and not value.strip():
+        return "must not be empty"
+    return None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise TrainError for the first invalid field (its flag, the rule, the value), then for
+    invalid combinations. Pure: reads no file, writes nothing."""
+    for name, f in fields().items():
+        value = getattr(cfg, name)
+        problem = value_problem(f, value)
+        if problem:
+            raise TrainError(f"{flag(name)} {problem} (got {value!r})")
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise TrainError(f"set --max-steps > 0 or --num-train-epochs > 0 (got {cfg.max_steps} and "
+                         f"{cfg.num_train_epochs})")
+
+
+def resume_mismatches(stored: dict, cfg: TrainConfig) -> list[str]:
+    """Training-defining fields whose value differs from the checkpoint's, as 'field: old -> new'.
+
+    A field the stored config lacks (a checkpoint from before the field existed) is compared with
+    its default, the value such a run used.
+    """
+    out = []
+    for name, f in fields().items():
+        if name in RESUME_MAY_CHANGE:
+            continue
+        old = stored.get(name, f.default)
+        new = getattr(cfg, name)
+        if old != new:
+            out.append(f"{name}: {old!r} -> {new!r}")
+    return out
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -92,28 +243,32 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one `--flag` per TrainConfig field, defaults shown in --help."""
+    """An argparse parser with one `--flag` per TrainConfig field; --help shows each flag's valid
+    values and default. Values are only converted here; `check_config` checks them (one message
+    format for the CLI and the Python API)."""
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="LoRA fine-tuning with an explicit Accelerate loop. With no flags: the offline "
-                    "demo (tiny Llama, bundled quote->tags data, before/after eval).",
+                    "demo (tiny Llama, bundled quote->tags data, before/after eval). Exit codes: 0 done, "
+                    "1 the run stopped (diverged, or its outputs could not be written), 2 bad input "
+                    "(found before any work), 130 interrupted.",
         formatter_class=_DefaultsFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=meta["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
-                                                            else f.type.__name__]
-            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=meta["help"],
-                           choices=meta["choices"])
+        help_text = meta["help"]
+        if _type(f) == "bool":
+            p.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=help_text)
+            continue
+        if not meta["choices"] and rule(f) and rule(f) != "not empty":
+            help_text += f"; must be {rule(f)}"
+        p.add_argument(flag(f.name), dest=f.name, type={"int": int, "float": float, "str": str}[_type(f)],
+                       default=f.default, help=help_text, choices=meta["choices"])
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse CLI arguments into a TrainConfig."""
+    """Parse CLI arguments into a TrainConfig (types only; `check_config` checks the values)."""
     ns = build_parser().parse_args(argv)
     return TrainConfig(**vars(ns))

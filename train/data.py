@@ -5,14 +5,21 @@ and before the model is loaded, so bad input costs nothing and writes nothing.
 """
 from __future__ import annotations
 
+import codecs
+import json
 import string
+import sys
 from pathlib import Path
 
 import datasets
 import torch
 
 from .config import BUILTIN_DATASET
-from .models import ASSETS, TrainError
+from .errors import TrainError
+from .models import ASSETS
+
+# Warn when at least this share of rows loses its whole completion to --max-length.
+WARN_LOST_SHARE = 0.1
 
 # file suffix -> datasets builder
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -25,6 +32,12 @@ def _looks_local(name: str) -> bool:
 
 def load_splits(name: str, eval_split_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, eval) raw datasets. Without an eval split, hold out `eval_split_size` of train."""
+    return split_eval(load_raw(name), name, eval_split_size, seed)
+
+
+def load_raw(name: str) -> datasets.DatasetDict:
+    """The dataset's splits as loaded (a local file or folder, or a hub name); TrainError if it
+    cannot be read, naming the line of a file that is not UTF-8 or not valid JSON."""
     if name == BUILTIN_DATASET:
         name = str(ASSETS / "tagger.jsonl")
     path = Path(name).expanduser()
@@ -35,14 +48,26 @@ def load_splits(name: str, eval_split_size: float, seed: int) -> tuple[datasets.
                              f"{', '.join(sorted(BUILDERS))}")
         if path.stat().st_size < 4096 and not path.read_bytes().strip():  # whitespace only
             raise TrainError(f"dataset file {path} is empty; it needs at least one row")
-        dsd = _load(builder, data_files=str(path))
-    elif path.is_dir():
-        dsd = _load(str(path))
-    elif _looks_local(name):
+        if builder != "parquet":
+            _check_utf8(path)
+        try:
+            return _load(builder, data_files=str(path))
+        except TrainError:
+            problem = _json_problem(path) if builder == "json" else None
+            if problem:
+                raise TrainError(f"dataset file {path}: {problem}") from None
+            raise
+    if path.is_dir():
+        return _load(str(path))
+    if _looks_local(name):
         raise TrainError(f"dataset file {path} does not exist; pass an existing .json/.jsonl/.csv/"
                          f".parquet/.txt file or a hub dataset name")
-    else:
-        dsd = _load(name)
+    return _load(name)
+
+
+def split_eval(dsd: datasets.DatasetDict, name: str, eval_split_size: float, seed: int
+               ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval): the dataset's own eval split, else `eval_split_size` of train held out."""
     if "train" not in dsd:
         raise TrainError(f"dataset {name} has no 'train' split (splits: {', '.join(dsd)})")
     train = dsd["train"]
@@ -71,6 +96,50 @@ def _load(*args, **kwargs) -> datasets.DatasetDict:
                          f"{kwargs.get('data_files', '')}: {msg}".replace("  ", " ")) from None
 
 
+def _check_utf8(path: Path) -> None:
+    """TrainError naming the line of the first byte that is not UTF-8 (datasets would fail later
+    with a traceback, or read the text with replacement characters)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                line += e.object[:e.start].count(b"\n")
+                raise TrainError(f"dataset file {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} on "
+                                 f"line {line} ({e.reason}); re-save the file as UTF-8") from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a .json/.jsonl file is not valid JSON ("line 3: Expecting value (column 12)"), or None."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None  # one valid JSON document: the problem is elsewhere
+    except json.JSONDecodeError as whole:
+        lines = text.splitlines()
+        first = next((ln for ln in lines if ln.strip()), "")
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:  # not JSON lines: the document's own error position
+            return f"not valid JSON at line {whole.lineno}: {whole.msg} (column {whole.colno})"
+        for i, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError as e:
+                return f"line {i} is not valid JSON: {e.msg} (column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {i} is a JSON {type(row).__name__}, not an object with one key per column"
+    return None
+
+
 def template_fields(template: str) -> list[str]:
     """Column names a str.format template refers to, e.g. '{quote} ->: {tags}' -> [quote, tags]."""
     return [f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f]
@@ -91,6 +160,41 @@ def check_template(template: str, columns: list[str], separator: str, completion
     if completion_only and separator not in template:
         raise TrainError(f"--completion-separator {separator!r} does not occur in --text-template "
                          f"{template!r}; change one, or pass --no-completion-only-loss")
+
+
+def check_rows(dsd: datasets.DatasetDict, template: str, name: str) -> None:
+    """TrainError naming the first row that lacks a value the template needs (a missing key or a
+    null): str.format would train on the text "None" instead."""
+    for split, ds in dsd.items():
+        for col in dict.fromkeys(template_fields(template)):
+            if col not in ds.column_names or ds.data.column(col).null_count == 0:
+                continue
+            i = next(i for i, v in enumerate(ds[col]) if v is None)
+            row = json.dumps(ds[i], default=str)
+            row = row if len(row) <= 120 else row[:117] + "..."
+            raise TrainError(f"row {i + 1} of the {split} split of {name} has no value for column "
+                             f"{col!r}, which --text-template needs: {row}; fill it in or drop the row")
+
+
+def check_targets(tokenized: dict[str, datasets.Dataset], shift: int, max_length: int, warn: bool = True) -> None:
+    """Refuse a split in which --max-length leaves no target token in any row (eval would report
+    loss 0.0, training would learn nothing); warn when a large share of rows loses its targets.
+
+    tokenized: {"train": ds, "eval": ds} of {input_ids, labels}; shift: 1 for causal LMs (label t is
+    predicted from tokens < t, so label 0 never counts), 0 for seq2seq.
+    """
+    for split, ds in tokenized.items():
+        labels = ds["labels"]
+        lost = sum(1 for lab in labels if all(t == -100 for t in lab[shift:]))
+        if lost == len(labels):
+            raise TrainError(f"--max-length {max_length} leaves no target token in any of the {lost} {split} "
+                             f"rows (the prompt fills the whole length): nothing to "
+                             f"{'train on' if split == 'train' else 'evaluate (loss would read 0.0)'}; "
+                             f"raise --max-length")
+        if warn and lost and lost >= WARN_LOST_SHARE * len(labels):
+            print(f"warning: --max-length {max_length} leaves no target token in {lost} of {len(labels)} "
+                  f"{split} rows ({100 * lost / len(labels):.0f}%); they add nothing to the loss",
+                  file=sys.stderr)
 
 
 def split_template(template: str, separator: str) -> str | None:

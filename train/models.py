@@ -12,15 +12,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from .config import BUILTIN_MODEL
+from .config import BUILTIN_MODEL, TrainConfig
+from .errors import TrainError
 
 ASSETS = Path(__file__).parent / "assets"
 # bos/eos/pad/unk ids match assets/tiny_llama.json (pad 0, bos 1, eos 2).
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-class TrainError(ValueError):
-    """Bad input found before any work: the message names the problem and the fix (one line)."""
 
 
 def build_char_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -65,17 +62,78 @@ def save_builtin(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def is_seq2seq(model_name: str) -> bool:
-    """Whether --model is an encoder-decoder; also the first check that --model exists at all."""
+def model_config(model_name: str) -> transformers.PretrainedConfig:
+    """The config of --model (config.json only, no weights); the first check that --model exists."""
     if model_name == BUILTIN_MODEL:
-        return False
+        return builtin_config()
+    path = Path(model_name).expanduser()
+    if not path.exists() and _looks_like_path(model_name):
+        # Without this, the hub client's "Repo id must be in the form ..." would be the message.
+        raise TrainError(f"--model {model_name}: no such local directory; pass an existing model "
+                         f"directory or a hub id (namespace/name, online)")
+    if path.is_file():
+        raise TrainError(f"--model {model_name} is a file; pass a model directory (with config.json) "
+                         f"or a hub id")
     try:
-        cfg = transformers.AutoConfig.from_pretrained(model_name)
-    except Exception as e:  # missing dir, offline hub, no config.json: one line, no traceback
+        return transformers.AutoConfig.from_pretrained(model_name)
+    except Exception as e:  # no config.json, offline hub, unknown id: one line, no traceback
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise TrainError(f"--model {model_name}: cannot read its config ({first}); pass a local model "
-                         f"directory or a hub id (online)") from None
-    return bool(getattr(cfg, "is_encoder_decoder", False))
+        where = "local directory" if path.is_dir() else "hub id"
+        raise TrainError(f"--model {model_name}: cannot read its config as a {where} ({first}); pass a "
+                         f"local model directory or a hub id (online)") from None
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "namespace/name"; anything else that is not on disk was meant as a path.
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def is_seq2seq(model_name: str) -> bool:
+    """Whether --model is an encoder-decoder (reads its config; TrainError if it cannot)."""
+    return bool(getattr(model_config(model_name), "is_encoder_decoder", False))
+
+
+def lora_config(cfg: TrainConfig, seq2seq: bool):
+    """The lora_core LoraConfig of a run (TrainError if lora_core refuses a value)."""
+    from lora_core import LoraConfig
+
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
+        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    try:
+        return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+    except ValueError as e:
+        raise TrainError(str(e).splitlines()[0]) from None
+
+
+def check_target_modules(cfg: TrainConfig) -> None:
+    """Refuse --target-modules that match no linear layer, before any weight is loaded: the model's
+    module tree is built on the meta device from its config (no memory, no weights), then lora_core
+    matches the targets against it and its message names the layers there are."""
+    from accelerate import init_empty_weights
+    from lora_core.inject import available_linear_names, find_targets
+
+    config = model_config(cfg.model)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    lcfg = lora_config(cfg, seq2seq)
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    try:
+        with init_empty_weights():
+            skeleton = auto.from_config(config)
+    except Exception:  # an architecture that cannot be built from its config alone: the real load
+        return          # checks the targets (get_lora_model raises the same message, as TrainError)
+    try:
+        found = find_targets(skeleton, lcfg)
+    except ValueError as e:
+        raise TrainError(f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0]}") from None
+    if isinstance(lcfg.target_modules, set):
+        # peft only refuses a list when no name matches; a typo in one name would silently leave
+        # those layers out of the adapter.
+        unused = sorted(n for n in lcfg.target_modules if not any(k == n or k.endswith("." + n) for k in found))
+        if unused:
+            raise TrainError(f"--target-modules {cfg.target_modules}: {', '.join(unused)} matched no linear layer "
+                             f"of this {type(skeleton).__name__}; its linear layers (name suffixes): "
+                             f"{available_linear_names(skeleton)}")
 
 
 def bitsandbytes_problem(quantization: str) -> str | None:
@@ -114,9 +172,10 @@ def load_tokenizer(model_name: str):
     else:
         try:
             tok = transformers.AutoTokenizer.from_pretrained(model_name)
-        except Exception:
+        except Exception as e:
             if not Path(model_name).is_dir():
-                raise
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise TrainError(f"--model {model_name}: cannot load its tokenizer ({first})") from None
             tok = build_char_tokenizer()  # a local tiny model saved without a tokenizer
     if tok.pad_token is None:
         # Causal LMs often ship without a pad token; eos is safe since padded labels are -100.

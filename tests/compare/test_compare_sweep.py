@@ -1,7 +1,11 @@
-"""A 2x2 sweep through train.run writes results.csv, results.json and results.png."""
+"""A 2x2 sweep through train.run writes results.csv, results.json and results.png; a sweep never
+loses earlier results (atomic writes, merged rows, failed settings named, Ctrl-C saves what finished)."""
 import csv
 import json
 import math
+import types
+
+import pytest
 
 import compare
 from compare.__main__ import main
@@ -36,3 +40,145 @@ def test_sweep_cli_one_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "lora_alpha" in printed and "eval loss" in printed
     assert {p.name for p in out.iterdir()} >= {"results.csv", "results.json", "results.png"}
+
+
+# ---- nothing of an earlier sweep is lost ----------------------------------------------------------
+
+
+def _result(loss=4.0):
+    """What train.run returns, as far as a sweep row reads it."""
+    return types.SimpleNamespace(before={"eval_loss": 5.0}, after={"eval_loss": loss, "tag_exact_match": None},
+                                 log=[{"loss": loss + 0.5, "tokens_per_s": 100.0}], steps=2, train_seconds=0.2)
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """train.run replaced by `behaviour(cfg)`; the real checks before the runs stay (preflight)."""
+    import train
+
+    calls = []
+
+    def install(behaviour):
+        def fake(cfg):
+            calls.append(cfg)
+            return behaviour(cfg)
+        monkeypatch.setattr(train, "run", fake)
+        return calls
+    return install
+
+
+def test_a_sweep_in_which_every_run_fails_keeps_the_earlier_results_and_exits_1(tmp_path, fake_train, capsys):
+    out = tmp_path / "sw"
+    fake_train(lambda cfg: _result(loss=4.0 if cfg.r == 4 else 3.0))
+    assert main(["sweep", "--grid", "r=4,8", "--out", str(out)]) == 0
+    good = json.loads((out / "results.json").read_text())["rows"]
+
+    def boom(cfg):
+        raise RuntimeError(f"no luck with r={cfg.r}")
+    fake_train(boom)
+    capsys.readouterr()
+    assert main(["sweep", "--grid", "r=16,32", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: 2 of 2 settings failed: r=16 (RuntimeError: no luck with r=16); r=32 (RuntimeError: " in err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[:2] == good  # the earlier sweep's rows, untouched
+    assert [(r["r"], r["error"][:12]) for r in rows[2:]] == [(16, "RuntimeError"), (32, "RuntimeError")]
+    with open(out / "results.csv") as f:
+        assert [r["eval_loss"] for r in csv.DictReader(f)] == ["4.0", "3.0", "", ""]
+
+
+def test_a_failed_rerun_never_replaces_the_row_of_an_earlier_good_run(tmp_path, fake_train):
+    out = tmp_path / "sw"
+    fake_train(lambda cfg: _result(3.5))
+    compare.sweep(None, {"r": [4]}, out_dir=out)
+    (out / "runs" / "r-4").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / "r-4" / "log.jsonl").write_text("the earlier run\n")
+
+    def boom(cfg):
+        raise RuntimeError("diverged")
+    fake_train(boom)
+    # The run folder holds the earlier run: refused up front unless asked to replace it ...
+    with pytest.raises(compare.CompareError, match=r"r-4 holds an earlier run \(log.jsonl\); use another --out, "
+                                                   r"or --set overwrite_output_dir=true"):
+        compare.sweep(None, {"r": [4]}, out_dir=out)
+    # ... and when asked, a failed rerun leaves the earlier row (train keeps the earlier run's folder).
+    rows = compare.sweep({"overwrite_output_dir": True}, {"r": [4]}, out_dir=out)
+    assert rows[0]["error"] == "RuntimeError: diverged"
+    kept = json.loads((out / "results.json").read_text())["rows"]
+    assert len(kept) == 1 and kept[0]["eval_loss"] == 3.5 and kept[0]["error"] == ""
+
+
+def test_ctrl_c_stops_the_sweep_with_the_finished_rows_saved(tmp_path, fake_train, capsys):
+    out = tmp_path / "sw"
+
+    def second_is_interrupted(cfg):
+        if cfg.r == 8:
+            raise KeyboardInterrupt
+        return _result()
+    calls = fake_train(second_is_interrupted)
+    assert main(["sweep", "--grid", "r=4,8,16", "--out", str(out)]) == 130
+    assert [c.r for c in calls] == [4, 8]  # r=16 never started
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["r"], r["error"]) for r in rows] == [(4, "")]
+    assert "sweep interrupted after 1 finished run(s)" in capsys.readouterr().err
+
+
+def test_train_interrupted_inside_a_run_stops_the_sweep_too(tmp_path, fake_train):
+    import train
+
+    def interrupted(cfg):
+        raise train.TrainInterrupted(3, None)
+    fake_train(interrupted)
+    with pytest.raises(compare.ablation.SweepInterrupted):
+        compare.sweep(None, {"r": [4, 8]}, out_dir=tmp_path / "sw")
+
+
+@pytest.mark.parametrize("grid, expect", [
+    ("r=4,0", "r='0' is not valid: must be > 0"),
+    ("learning_rate=1e-3,nan", "learning_rate='nan' is not valid: must be finite and in (0, "),
+    ("lora_dropout=0.5,1.0", "lora_dropout='1.0' is not valid: must be finite and in [0, 1)"),
+    ("logging_steps=0", "logging_steps='0' is not valid: must be > 0"),
+    ("seed=-1", "seed='-1' is not valid: must be in [0, 4294967295]"),
+])
+def test_grid_values_are_checked_against_the_fields_definitions_before_any_run(tmp_path, fake_train, capsys,
+                                                                               grid, expect):
+    calls = fake_train(lambda cfg: _result())
+    out = tmp_path / "sw"
+    assert main(["sweep", "--grid", grid, "--out", str(out)]) == 2
+    assert expect in capsys.readouterr().err
+    assert calls == [] and not out.exists()
+
+
+def test_every_setting_is_checked_as_train_would_before_the_first_run(tmp_path, fake_train, capsys):
+    """A setting train would refuse (here: targets that match nothing) stops the sweep before any run."""
+    calls = fake_train(lambda cfg: _result())
+    assert main(["sweep", "--grid", "target_modules=q_proj,nope", "--out", str(tmp_path / "sw")]) == 2
+    assert "setting {'target_modules': 'nope'}: --target-modules nope:" in capsys.readouterr().err
+    assert calls == []
+
+
+def test_results_are_written_atomically(tmp_path, fake_train, monkeypatch):
+    import compare.report as report
+
+    out = tmp_path / "sw"
+    fake_train(lambda cfg: _result(4.0))
+    compare.sweep(None, {"r": [4]}, out_dir=out)
+    before = {p: (out / p).read_bytes() for p in ("results.csv", "results.json")}
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(report.os, "fsync", full)
+    with pytest.raises(OSError):
+        compare.sweep(None, {"r": [8]}, out_dir=out)
+    assert {p: (out / p).read_bytes() for p in before} == before  # old files whole
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_an_unreadable_earlier_results_file_is_never_overwritten(tmp_path, fake_train):
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "results.json").write_text("{not json")
+    calls = fake_train(lambda cfg: _result())
+    with pytest.raises(compare.CompareError, match="results.json exists but cannot be read"):
+        compare.sweep(None, {"r": [4]}, out_dir=out)
+    assert calls == [] and (out / "results.json").read_text() == "{not json"

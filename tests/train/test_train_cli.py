@@ -50,23 +50,14 @@ def test_cli_bad_input_exits_2_with_one_line_and_keeps_earlier_output(tmp_path, 
     (out / "checkpoint-7").mkdir(parents=True)
     (out / "checkpoint-7" / "trainer_state.json").write_text('{"step": 7}')
     (out / "log.jsonl").write_text("earlier run\n")
-    proc = _cli("--dataset", str(tmp_path / "missing.jsonl"), "--output-dir", str(out))
+    # --overwrite-output-dir: even a run allowed to replace the earlier one changes nothing of it
+    # when its input is bad.
+    proc = _cli("--dataset", str(tmp_path / "missing.jsonl"), "--output-dir", str(out), "--overwrite-output-dir")
     assert proc.returncode == 2
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "missing.jsonl does not exist" in lines[0], proc.stderr[-2000:]
     assert (out / "log.jsonl").read_text() == "earlier run\n"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-7", "log.jsonl"]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Bad input must fail before the model is loaded."""
-    import train.loop as loop
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(loop, "load_base_model", boom)
 
 
 def _expect(cfg, match):
@@ -127,7 +118,13 @@ class TestBadInput:
         _expect(base_cfg(mixed_precision="fp16"), "fp16 needs a CUDA GPU")
 
     def test_missing_model_dir(self, base_cfg, tmp_path):
-        _expect(base_cfg(model=str(tmp_path / "no_model")), "cannot read its config")
+        # Not the hub client's "Repo id must be in the form ...": the path was meant as a folder.
+        _expect(base_cfg(model=str(tmp_path / "no_model")), "no_model: no such local directory")
+        _expect(base_cfg(model="./no/such/model"), "no such local directory")
+
+    def test_model_dir_without_config(self, base_cfg, tmp_path):
+        (tmp_path / "empty_model").mkdir()
+        _expect(base_cfg(model=str(tmp_path / "empty_model")), "cannot read its config as a local directory")
 
     def test_separator_missing_from_template(self, base_cfg):
         _expect(base_cfg(text_template="{quote}: {tags}"), "does not occur in --text-template")
