@@ -79,6 +79,12 @@ class TrainConfig:
     quantization: str = _f("none", "load the base through bitsandbytes: nf4 (double quant, bf16 "
                            "compute), fp4, int8 or none", ("none", "nf4", "fp4", "int8"))
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    task: str = _f("lm", "lm: language modelling (causal, or seq2seq for an encoder-decoder --model); "
+                   "seq-cls: sequence classification (the text is --text-template up to "
+                   "--completion-separator, the class is --label-column; accuracy in the eval)",
+                   ("lm", "seq-cls"))
+    label_column: str = _f("label", "the column holding each row's class with --task seq-cls (one string "
+                           "or integer per row)", nonempty=True)
     # --- LoRA --------------------------------------------------------------------------------
     r: int = _f(16, "LoRA rank", gt=0)
     lora_alpha: float = _f(32.0, "LoRA alpha; scaling = lora_alpha / r", gt=0)
