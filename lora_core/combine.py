@@ -42,6 +42,7 @@ from functools import reduce
 
 import torch
 
+from .embedding import LoraEmbedding
 from .inject import ModulesToSave
 
 LINEAR_FAMILY = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -197,7 +198,6 @@ def _check(model, adapters, weights, adapter_name, combination_type, svd_rank, d
     if kind.removesuffix("_svd") in NEEDS_DENSITY and density is None:
         raise ValueError(f"combination_type={combination_type!r} needs density (the fraction of values "
                          f"kept, in [0, 1])")
-    from .embedding import LoraEmbedding
     embedded = [p for p, m in model.lora_layers().items()
                 if isinstance(m, LoraEmbedding) and any(a in m.adapters for a in adapters)]
     if embedded:

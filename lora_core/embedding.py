@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import method_of
 from .layer import LoraLinear
 
 
@@ -142,8 +143,7 @@ class LoraEmbedding(LoraLinear):
 def build_embedding_adapter(config, path: str, base: nn.Embedding, dtype: torch.dtype,
                             device: Optional[torch.device]) -> LoraEmbeddingAdapter:
     """The adapter `config` puts on the embedding at `path` (rank_pattern / alpha_pattern applied)."""
-    from .adapters import method_of
-    from .inject import pattern_value
+    from .inject import pattern_value  # inject imports this module
 
     if method_of(config) != "lora":
         raise ValueError(f"{path} is an embedding layer: only plain LoRA adapts embeddings here, "

@@ -19,6 +19,7 @@ from torch import nn
 from . import quant
 from .adapters import build_adapter
 from .config import ALL_LINEAR, LoraConfig, default_target_modules
+from .embedding import LoraEmbedding, build_embedding_adapter
 from .layer import BASE_ROW, LoraLinear
 
 
@@ -106,14 +107,12 @@ def is_target_type(module: nn.Module) -> bool:
 
 def is_linear_target(module: nn.Module) -> bool:
     """A linear layer, wrapped or not: what "all-linear" and the suggestions in errors name."""
-    from .embedding import LoraEmbedding
     return (isinstance(module, LoraLinear) and not isinstance(module, LoraEmbedding)) or quant.is_linear(module)
 
 
 def new_adapter(config: LoraConfig, path: str, module: nn.Module, dtype: torch.dtype,
                 device: Optional[torch.device]) -> nn.Module:
     """The adapter `config` puts on `module` (a target at `path`, wrapped or not)."""
-    from .embedding import LoraEmbedding, build_embedding_adapter
     base = module.base_layer if isinstance(module, LoraLinear) else module
     if isinstance(module, LoraEmbedding) or isinstance(base, nn.Embedding):
         return build_embedding_adapter(config, path, base, dtype, device)
@@ -266,7 +265,6 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             new_adapters[name] = new_adapter(config, name, module, lora_dtype, _device_of(module.base_layer))
             continue
         if isinstance(module, nn.Embedding):
-            from .embedding import LoraEmbedding
             tied = [n for n, m in iter_modules(model) if m is not module
                     and getattr(m, "weight", None) is module.weight]
             new_layers[name] = LoraEmbedding(module, new_adapter(config, name, module, lora_dtype, _device_of(module)),
