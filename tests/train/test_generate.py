@@ -51,6 +51,7 @@ def _by_hand(tiny_dir, adapter_dir, use_adapter: bool) -> str:
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_completion_with_and_without_the_adapter(tiny_dir, adapter):
     rc, out, err = _run(["--adapter", adapter, "--prompt", PROMPT, "--max-new-tokens", 12])
     assert rc == 0, err
