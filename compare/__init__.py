@@ -3,16 +3,19 @@
     python -m compare equivalence --quantization nf4      # row by row vs peft, exit 1 on any FAIL
     python -m compare speed --steps 20                    # ours vs peft, interleaved, with ratios
     python -m compare sweep --grid r=4,8 --grid quantization=none,nf4 --out sweep_out
+    python -m compare sweep --grid r=4,16 --seeds 3 --jobs 2 --analyze-against seed=42 --out sw
     python -m compare analyze runs/a/adapter --against runs/b/adapter --base builtin:tiny-llama
 
 From Python:
     from compare import sweep, analyze, run_equivalence, run_speed, ModelSpec
     rows = sweep({"max_steps": 20}, {"r": [4, 8], "quantization": ["none", "nf4"]}, out_dir="sweep_out")
+    rows = sweep({"max_steps": 20}, {"r": [4, 16]}, out_dir="sw", seeds=3, analyze_against="seed=42")
     result = analyze("runs/a/adapter", against="runs/b/adapter", out_dir="analysis_out")
 
 Nothing here runs at import, and the heavy imports (transformers, peft, train) wait for first use.
-The sweep runner lives in `compare/ablation.py`: a module named `sweep` would replace the function
-`compare.sweep` as soon as it was imported. `compare/analyze.py` is imported here eagerly for that
+The sweep runner lives in `compare/ablation.py` (with sweep_stats, sweep_jobs and sweep_analysis
+beside it): a module named `sweep` would replace the function `compare.sweep` as soon as it was
+imported. `compare/analyze.py` is imported here eagerly for that
 reason (it imports only torch at the top): the function `analyze` is bound after the module, so
 `compare.analyze` stays the function even when `compare.analyze`'s helpers are imported.
 """

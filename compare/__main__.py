@@ -1,4 +1,4 @@
-"""python -m compare equivalence | speed | sweep  (run with --help for each command's flags)."""
+"""python -m compare equivalence | speed | sweep | analyze  (run with --help for each command's flags)."""
 from __future__ import annotations
 
 import argparse
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "a run failed (sweep), 2 bad input (before any work), 130 "
                                                  "interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .analyze import add_analyze_parser
+    from .analyze import SUBSPACES, add_analyze_parser
     an = add_analyze_parser(sub)
 
     eq = sub.add_parser("equivalence", help="row-by-row numerical comparison with peft; exit 1 on any FAIL")
@@ -113,13 +113,46 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a TrainConfig field and its values; repeat for more axes")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a TrainConfig field fixed for every run; repeatable (e.g. overwrite_output_dir=true "
-                         "to replace the runs of an earlier sweep in --out)")
+                         "to replace a run folder that holds another setting's run)")
     _num(sw, "--max-steps", int, None, "training steps per run; 20 when not given", ge=1)
     sw.add_argument("--out", default="sweep_out",
-                    help="directory for results.csv/json and plot; earlier results there are merged, not "
-                         "replaced (default: sweep_out)")
+                    help="directory for results.csv/json, summary.csv/json, the plot and runs/; earlier results "
+                         "there are merged, not replaced, and runs an earlier sweep finished there with the "
+                         "same full setting are reused (default: sweep_out)")
+    _num(sw, "--seeds", int, None, "runs per setting, with seeds s, s+1, ..., s+N-1 (s: the base config's "
+         "seed, --set seed=S, TrainConfig's 42 by default); summary.* aggregates them", ge=1)
+    sw.add_argument("--force", action="store_true",
+                    help="rerun runs that an earlier sweep into --out finished (else they are reused)")
+    _num(sw, "--jobs", int, 1, "worker processes running settings side by side, each with cpus // N torch "
+         "threads", ge=1)
+    sw.add_argument("--analyze-against", default=None, metavar="KEY=V[,KEY=V] | FOLDER",
+                    help="run `compare analyze` on every finished run against a reference: the same setting "
+                         "with these grid values (seed=42: the seed-42 run of each setting), or one adapter "
+                         "folder; adds effective_rank, phi_11, phi_diag columns")
+    sw.add_argument("--analyze-subspace", default="A", choices=list(SUBSPACES),
+                    help="what phi compares, as `compare analyze --subspace` (default: A)")
     parser.commands = {"equivalence": eq, "speed": sp, "sweep": sw, "analyze": an}
     return parser
+
+
+def transformers_quiet() -> None:
+    """transformers' per-load progress bars would bury the tables."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _print_summary(out: str) -> None:
+    """The summary table of a sweep (summary.json in `out`) when some setting has more than one run."""
+    import json
+    from pathlib import Path
+
+    from .sweep_stats import format_summary
+
+    data = json.loads((Path(out) / "summary.json").read_text())
+    if any(g["runs"] > 1 for g in data["groups"]):
+        print("\nper setting, over its seeds:")
+        print(format_summary(data["groups"], data["group_keys"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compare] {msg}", file=sys.stderr, flush=True)
 
     if args.command in ("equivalence", "speed"):
-        import transformers
-
-        # The tables are the output; transformers' per-load progress bars would bury them.
-        transformers.utils.logging.disable_progress_bar()
+        transformers_quiet()
     try:
         check_numbers(parser, args)
         if getattr(args, "json", None):
@@ -181,20 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from .ablation import SweepInterrupted, failed, format_rows, parse_grid, parse_settings, sweep
 
-            if not args.grid:
-                raise CompareError("give at least one --grid KEY=V1,V2 (a TrainConfig field and its values)")
+            if not args.grid and args.seeds is None:
+                raise CompareError("give at least one --grid KEY=V1,V2 (a TrainConfig field and its values) "
+                                   "or --seeds N")
             grid = parse_grid(args.grid)
             base = parse_settings(args.set)
+            if args.analyze_against is not None:
+                transformers_quiet()
             try:
-                rows = sweep(base, grid, out_dir=args.out, max_steps=args.max_steps, progress=say)
+                rows = sweep(base, grid, out_dir=args.out, max_steps=args.max_steps, progress=say,
+                             seeds=args.seeds, force=args.force, jobs=args.jobs,
+                             analyze_against=args.analyze_against, analyze_subspace=args.analyze_subspace)
             except SweepInterrupted as e:
                 print(f"\n{e}", file=sys.stderr)
                 return 130
             print(format_rows(rows))
-            print(f"wrote {args.out}/results.csv, results.json, results.png")
+            _print_summary(args.out)
+            print(f"wrote {args.out}/results.csv, results.json, summary.csv, summary.json, results.png")
             bad = failed(rows)
             if bad:
-                keys = list(grid)
+                keys = [k for k in rows[0] if k in grid or k == "seed"]
                 names = "; ".join(", ".join(f"{k}={r[k]}" for k in keys) + f" ({r['error']})" for r in bad)
                 print(f"error: {len(bad)} of {len(rows)} settings failed: {names}", file=sys.stderr)
                 return 1

@@ -1,7 +1,7 @@
 """PNG pictures of compare's results: `compare speed --plot` and the sweep's results.png.
 
     plot_speed(result, "speed.png")      # result = run_speed(...): time per phase, ratio, memory
-    plot_sweep(rows, keys, "out.png")    # rows = sweep(...): eval loss and step time per setting
+    plot_sweep(groups, keys, "out.png")  # groups = sweep_stats.summarise(rows, ...): mean +- std per setting
 
 Both draw with `bars` (grouped bars, optional p10-p90 whiskers, a label over each bar) and write
 through `save_png` (a temp name in the same folder, then a rename: an earlier picture is replaced
@@ -151,24 +151,36 @@ def _size(n: float) -> str:
     return "n/a" if math.isnan(n) else f"{n / 2**20:.3g} MiB" if n >= 2**20 else f"{n / 2**10:.3g} KiB"
 
 
-def plot_sweep(rows: Sequence[Mapping], keys: Sequence[str], path: Union[str, os.PathLike]) -> Path:
-    """Two panels from a sweep's rows: final eval loss, and mean step time with each setting's
-    ratio to the first one that finished ("failed" over a run that did not)."""
-    # rows may come from several sweeps merged into one results.json (keys missing in some) and
+def plot_sweep(groups: Sequence[Mapping], keys: Sequence[str], path: Union[str, os.PathLike]) -> Path:
+    """Panels from a sweep's summary groups (sweep_stats.summarise): final eval loss, and mean step
+    time with each setting's ratio to the first one that finished, each as the mean over the
+    setting's runs with +-1 sample std whiskers and n; a third panel, phi diag against the
+    reference run, when the sweep analysed its runs ("failed" over a setting with no finished run)."""
+    # groups may come from several sweeps merged into one results.json (keys missing in some) and
     # from JSON (a metric written as null or "nan")
-    groups = ["\n".join(f"{k}={r[k]}" for k in keys if k in r) for r in rows]
-    loss = [_as_float(r.get("eval_loss")) for r in rows]
-    step = [_as_float(r.get("step_time_s")) * 1e3 for r in rows]
-    first = next((s for s in step if not math.isnan(s)), NAN)
+    labels = ["\n".join(f"{k}={g[k]}" for k in keys if k in g) or "base config" for g in groups]
+    panels = [("eval_loss", 1.0, "final eval loss (mean, +-1 std)", "loss"),
+              ("step_time_s", 1e3, "mean step time (ratio to the first finished setting)", "ms")]
+    if any(not math.isnan(_as_float(g.get("phi_diag_mean"))) for g in groups):
+        panels.append(("phi_diag", 1.0, "phi(i, i) against the reference, mean over i <= min(r1, r2)", "phi"))
+    fig, axes = _figure(len(panels), max(6.0, 1.6 * len(groups)) * len(panels))
+    for ax, (metric, scale, title, ylabel) in zip(axes, panels):
+        mean = [_as_float(g.get(f"{metric}_mean")) * scale for g in groups]
+        std = [_as_float(g.get(f"{metric}_std")) * scale for g in groups]
+        std = [0.0 if math.isnan(s) or math.isnan(m) else s for m, s in zip(mean, std)]
+        ends = [0.0 if math.isnan(m) else m for m in mean]  # a missing bar gets no whisker
+        first = next((m for m in mean if not math.isnan(m)), NAN)
 
-    def texts(vals, fmt):
-        return ["failed" if r.get("error") else "" if math.isnan(v) else fmt(v) for r, v in zip(rows, vals)]
+        def text(g, m, s):
+            if math.isnan(m):
+                return "failed" if g.get("runs", 0) and g.get("failed") == g.get("runs") else ""
+            ratio = f" ({m / first:.2f}x)" if metric == "step_time_s" and first > 0 else ""
+            spread = f" +-{s:.2g}" if g.get(f"{metric}_n", 0) >= 2 else ""
+            return f"{m:.3g}{spread}{ratio}\nn={g.get(f'{metric}_n', 0)}"
 
-    fig, (l_ax, s_ax) = _figure(2, max(6.0, 1.6 * len(rows)) * 2)
-    bars(l_ax, groups, {"eval loss": loss}, labels={"eval loss": texts(loss, lambda v: f"{v:.3g}")},
-         title="final eval loss", ylabel="loss")
-    bars(s_ax, groups, {"step": step}, labels={"step": texts(step, lambda v: f"{v:.3g} ({v / first:.2f}x)")},
-         title="mean step time (ratio to the first finished setting)", ylabel="ms")
+        bars(ax, labels, {metric: mean}, spread={metric: ([m - s for m, s in zip(ends, std)],
+                                                           [m + s for m, s in zip(ends, std)])},
+             labels={metric: [text(g, m, s) for g, m, s in zip(groups, mean, std)]}, title=title, ylabel=ylabel)
     return save_png(fig, path)
 
 

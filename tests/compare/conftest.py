@@ -31,3 +31,24 @@ def _quiet_hf_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """install(behaviour): train.run replaced by behaviour(cfg) (a result, or raise), leaving a
+    finished run's files (tests/sweep_fakes.py) when it returns; returns the list of the configs it
+    runs from then on."""
+    import train
+    from sweep_fakes import leave_run
+
+    def install(behaviour):
+        calls = []
+
+        def fake(cfg):
+            calls.append(cfg)
+            result = behaviour(cfg)
+            leave_run(cfg)
+            return result
+        monkeypatch.setattr(train, "run", fake)
+        return calls
+    return install

@@ -1,18 +1,24 @@
-"""compare.plots: the sweep's picture from its rows; a PNG replaces an earlier file whole or not at all."""
+"""compare.plots: the sweep's picture from its summary; a PNG replaces an earlier file whole or not at all."""
 import pytest
 
 from compare import plots
+from compare.sweep_stats import summarise
 
 PNG = b"\x89PNG\r\n\x1a\n"
-ROWS = [{"r": 4, "eval_loss": 2.5, "step_time_s": 0.010, "error": ""},
-        {"r": 8, "eval_loss": 2.4, "step_time_s": 0.015, "error": ""},
-        {"r": 16, "eval_loss": None, "step_time_s": None, "error": "RuntimeError: boom"}]
+ROWS = [{"r": 4, "seed": 0, "eval_loss": 2.5, "step_time_s": 0.010, "error": ""},
+        {"r": 4, "seed": 1, "eval_loss": 2.7, "step_time_s": 0.012, "error": ""},
+        {"r": 8, "seed": 0, "eval_loss": 2.4, "step_time_s": 0.015, "error": ""},
+        {"r": 16, "seed": 0, "eval_loss": None, "step_time_s": None, "error": "RuntimeError: boom"}]
 
 
-def test_sweep_picture_with_ratio_and_a_failed_run(tmp_path):
+@pytest.mark.parametrize("analysed", [False, True])
+def test_sweep_picture_with_error_bars_ratio_and_a_failed_setting(tmp_path, analysed):
+    rows = [{**r, "phi_diag": 0.3} for r in ROWS] if analysed else ROWS
+    groups, keys = summarise(rows, ["r", "seed"])
+    assert keys == ["r"] and [g["runs"] for g in groups] == [2, 1, 1]
     path = tmp_path / "results.png"
     path.write_bytes(b"an earlier picture")
-    assert plots.plot_sweep(ROWS, ["r"], path) == path
+    assert plots.plot_sweep(groups, keys, path) == path
     assert path.read_bytes()[:8] == PNG
     assert [p.name for p in tmp_path.iterdir()] == ["results.png"]
 

@@ -3,9 +3,10 @@ loses earlier results (atomic writes, merged rows, failed settings named, Ctrl-C
 import csv
 import json
 import math
-import types
+from pathlib import Path
 
 import pytest
+from sweep_fakes import fake_result
 
 import compare
 from compare.__main__ import main
@@ -44,32 +45,9 @@ def test_sweep_cli_one_run(tmp_path, capsys):
 
 # ---- nothing of an earlier sweep is lost ----------------------------------------------------------
 
-
-def _result(loss=4.0):
-    """What train.run returns, as far as a sweep row reads it."""
-    return types.SimpleNamespace(before={"eval_loss": 5.0}, after={"eval_loss": loss, "tag_exact_match": None},
-                                 log=[{"loss": loss + 0.5, "tokens_per_s": 100.0}], steps=2, train_seconds=0.2)
-
-
-@pytest.fixture
-def fake_train(monkeypatch):
-    """train.run replaced by `behaviour(cfg)`; the real checks before the runs stay (preflight)."""
-    import train
-
-    calls = []
-
-    def install(behaviour):
-        def fake(cfg):
-            calls.append(cfg)
-            return behaviour(cfg)
-        monkeypatch.setattr(train, "run", fake)
-        return calls
-    return install
-
-
 def test_a_sweep_in_which_every_run_fails_keeps_the_earlier_results_and_exits_1(tmp_path, fake_train, capsys):
     out = tmp_path / "sw"
-    fake_train(lambda cfg: _result(loss=4.0 if cfg.r == 4 else 3.0))
+    fake_train(lambda cfg: fake_result(loss=4.0 if cfg.r == 4 else 3.0))
     assert main(["sweep", "--grid", "r=4,8", "--out", str(out)]) == 0
     good = json.loads((out / "results.json").read_text())["rows"]
 
@@ -89,23 +67,53 @@ def test_a_sweep_in_which_every_run_fails_keeps_the_earlier_results_and_exits_1(
 
 def test_a_failed_rerun_never_replaces_the_row_of_an_earlier_good_run(tmp_path, fake_train):
     out = tmp_path / "sw"
-    fake_train(lambda cfg: _result(3.5))
+    fake_train(lambda cfg: fake_result(3.5))
     compare.sweep(None, {"r": [4]}, out_dir=out)
-    (out / "runs" / "r-4").mkdir(parents=True, exist_ok=True)
-    (out / "runs" / "r-4" / "log.jsonl").write_text("the earlier run\n")
+
+    def boom(cfg):
+        raise RuntimeError("diverged")
+    calls = fake_train(boom)
+    # A plain rerun reuses the finished run; force reruns it, replacing its folder (train keeps the
+    # earlier run until the new one is valid), and the failure leaves the earlier row.
+    assert compare.sweep(None, {"r": [4]}, out_dir=out)[0]["eval_loss"] == 3.5 and calls == []
+    rows = compare.sweep(None, {"r": [4]}, out_dir=out, force=True)
+    assert rows[0]["error"] == "RuntimeError: diverged" and calls[0].overwrite_output_dir
+    kept = json.loads((out / "results.json").read_text())["rows"]
+    assert len(kept) == 1 and kept[0]["eval_loss"] == 3.5 and kept[0]["error"] == ""
+    # The folder's record still names the finished run: the next sweep reuses it again.
+    assert compare.sweep(None, {"r": [4]}, out_dir=out)[0]["eval_loss"] == 3.5 and len(calls) == 1
+
+
+def test_a_run_folder_holding_another_settings_run_is_refused_up_front(tmp_path, fake_train):
+    out = tmp_path / "sw"
+    fake_train(lambda cfg: fake_result(3.5))
+    run_dir = Path(compare.sweep(None, {"r": [4]}, out_dir=out)[0]["output_dir"])
+    record = json.loads((run_dir / "sweep_run.json").read_text())
+    record["key"]["learning_rate"] = 0.5  # as if this folder held a run of another setting
+    (run_dir / "sweep_run.json").write_text(json.dumps(record))
+    calls = fake_train(lambda cfg: fake_result(3.0))
+    with pytest.raises(compare.CompareError, match=r"holds a run of another setting \(adapter/, log.jsonl; its "
+                                                   r"sweep_run.json names another full setting\); use another "
+                                                   r"--out, or --set overwrite_output_dir=true"):
+        compare.sweep(None, {"r": [4]}, out_dir=out)
+    assert calls == []
+    rows = compare.sweep({"overwrite_output_dir": True}, {"r": [4]}, out_dir=out)
+    assert rows[0]["eval_loss"] == 3.0 and len(calls) == 1
+
+
+def test_an_unfinished_attempt_of_the_same_setting_is_run_again_in_its_folder(tmp_path, fake_train):
+    out = tmp_path / "sw"
 
     def boom(cfg):
         raise RuntimeError("diverged")
     fake_train(boom)
-    # The run folder holds the earlier run: refused up front unless asked to replace it ...
-    with pytest.raises(compare.CompareError, match=r"r-4 holds an earlier run \(log.jsonl\); use another --out, "
-                                                   r"or --set overwrite_output_dir=true"):
-        compare.sweep(None, {"r": [4]}, out_dir=out)
-    # ... and when asked, a failed rerun leaves the earlier row (train keeps the earlier run's folder).
-    rows = compare.sweep({"overwrite_output_dir": True}, {"r": [4]}, out_dir=out)
-    assert rows[0]["error"] == "RuntimeError: diverged"
-    kept = json.loads((out / "results.json").read_text())["rows"]
-    assert len(kept) == 1 and kept[0]["eval_loss"] == 3.5 and kept[0]["error"] == ""
+    run_dir = Path(compare.sweep(None, {"r": [4]}, out_dir=out)[0]["output_dir"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text('{"step": 0}\n')  # what the failed attempt left, no record
+    calls = fake_train(lambda cfg: fake_result(3.0))
+    rows = compare.sweep(None, {"r": [4]}, out_dir=out)
+    assert rows[0]["eval_loss"] == 3.0 and calls[0].overwrite_output_dir
+    assert rows[0]["output_dir"] == str(run_dir)
 
 
 def test_ctrl_c_stops_the_sweep_with_the_finished_rows_saved(tmp_path, fake_train, capsys):
@@ -114,7 +122,7 @@ def test_ctrl_c_stops_the_sweep_with_the_finished_rows_saved(tmp_path, fake_trai
     def second_is_interrupted(cfg):
         if cfg.r == 8:
             raise KeyboardInterrupt
-        return _result()
+        return fake_result()
     calls = fake_train(second_is_interrupted)
     assert main(["sweep", "--grid", "r=4,8,16", "--out", str(out)]) == 130
     assert [c.r for c in calls] == [4, 8]  # r=16 never started
@@ -142,7 +150,7 @@ def test_train_interrupted_inside_a_run_stops_the_sweep_too(tmp_path, fake_train
 ])
 def test_grid_values_are_checked_against_the_fields_definitions_before_any_run(tmp_path, fake_train, capsys,
                                                                                grid, expect):
-    calls = fake_train(lambda cfg: _result())
+    calls = fake_train(lambda cfg: fake_result())
     out = tmp_path / "sw"
     assert main(["sweep", "--grid", grid, "--out", str(out)]) == 2
     assert expect in capsys.readouterr().err
@@ -151,7 +159,7 @@ def test_grid_values_are_checked_against_the_fields_definitions_before_any_run(t
 
 def test_every_setting_is_checked_as_train_would_before_the_first_run(tmp_path, fake_train, capsys):
     """A setting train would refuse (here: targets that match nothing) stops the sweep before any run."""
-    calls = fake_train(lambda cfg: _result())
+    calls = fake_train(lambda cfg: fake_result())
     assert main(["sweep", "--grid", "target_modules=q_proj,nope", "--out", str(tmp_path / "sw")]) == 2
     assert "setting {'target_modules': 'nope'}: --target-modules nope:" in capsys.readouterr().err
     assert calls == []
@@ -161,7 +169,7 @@ def test_results_are_written_atomically(tmp_path, fake_train, monkeypatch):
     import compare.report as report
 
     out = tmp_path / "sw"
-    fake_train(lambda cfg: _result(4.0))
+    fake_train(lambda cfg: fake_result(4.0))
     compare.sweep(None, {"r": [4]}, out_dir=out)
     before = {p: (out / p).read_bytes() for p in ("results.csv", "results.json")}
 
@@ -178,7 +186,7 @@ def test_an_unreadable_earlier_results_file_is_never_overwritten(tmp_path, fake_
     out = tmp_path / "sw"
     out.mkdir()
     (out / "results.json").write_text("{not json")
-    calls = fake_train(lambda cfg: _result())
+    calls = fake_train(lambda cfg: fake_result())
     with pytest.raises(compare.CompareError, match="results.json exists but cannot be read"):
         compare.sweep(None, {"r": [4]}, out_dir=out)
     assert calls == [] and (out / "results.json").read_text() == "{not json"
