@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     eq = sub.add_parser("equivalence", help="row-by-row numerical comparison with peft; exit 1 on any FAIL")
     _model_flags(eq)
     _num(eq, "--steps", int, 4, "AdamW steps in the trajectory check", ge=1)
+    eq.add_argument("--method", default="lora", choices=("lora", "ia3", "adalora", "adaption-prompt", "prompt-tuning"),
+                    help="PEFT method on both sides; --r is AdaLoRA's init_r and the prompt length of "
+                         "adaption-prompt / prompt-tuning (default: lora)")
 
     sp = sub.add_parser("speed", help="forward / forward+backward / optimizer-step time and memory vs peft")
     _model_flags(sp, kernel=False)
@@ -182,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "equivalence":
             from .equivalence import run_equivalence
 
-            report = run_equivalence(_spec(args), steps=args.steps, progress=say)
+            if args.method != "lora":
+                from .methods import run_method_equivalence
+                report = run_method_equivalence(_spec(args), args.method, steps=args.steps, progress=say)
+            else:
+                report = run_equivalence(_spec(args), steps=args.steps, progress=say)
             print(report.format())
             if args.json:
                 write_json(args.json, report.to_dict())

@@ -207,7 +207,8 @@ class Report:
                 reasons.append(r.reason)
             body.append([r.check, r.max_abs, r.rel, r.tol, f"[{reasons.index(r.reason) + 1}]",
                          r.verdict, r.where])
-        head = (f"equivalence vs peft: model={self.info.get('model')} quantization={self.spec.quantization} "
+        head = (f"equivalence vs peft: method={self.info.get('method', 'lora')} model={self.info.get('model')} "
+                f"quantization={self.spec.quantization} "
                 f"dtype={self.spec.dtype} kernel={self.spec.kernel} r={self.spec.r} "
                 f"alpha={self.spec.lora_alpha} layers={self.info.get('lora_layers')} "
                 f"batch={self.spec.batch}x{self.spec.seq}")

@@ -1,5 +1,7 @@
 """lora_core: our LoRA layer, its injection into Hugging Face models, several named adapters per
-model, merge and adapter combination, and PEFT-format adapter files.
+model, merge and adapter combination, and PEFT-format adapter files; beside LoRA, peft's IA3,
+AdaLoRA, adaption prompts (Llama-Adapter) and prompt tuning, and astraios' bottleneck adapters
+(`lora_core.methods`), through the same `get_lora_model(base, config)`.
 
     from lora_core import LoraConfig, get_lora_model
     model = get_lora_model(base_model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -14,6 +16,11 @@ from .config import LoraConfig
 from .embedding import LoraEmbedding, LoraEmbeddingAdapter
 from .inject import ModulesToSave, find_targets, inject_lora
 from .layer import LoraLinear
+from .methods.adalora import AdaLoraConfig
+from .methods.adaption_prompt import AdaptionPromptConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.ia3 import IA3Config
+from .methods.prompt_tuning import PromptTuningConfig
 from .model import LoraModel, get_lora_model
 from .prepare import prepare_model_for_kbit_training
 from .status import TunerLayerStatus, TunerModelStatus
@@ -24,4 +31,5 @@ __all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapt
            "TunerLayerStatus", "TunerModelStatus",
            "AutoLoraModel", "AutoLoraModelForCausalLM", "AutoLoraModelForSeq2SeqLM",
            "AutoLoraModelForSequenceClassification", "AutoLoraModelForTokenClassification",
-           "AutoLoraModelForQuestionAnswering", "AutoLoraModelForFeatureExtraction"]
+           "AutoLoraModelForQuestionAnswering", "AutoLoraModelForFeatureExtraction",
+           "IA3Config", "AdaLoraConfig", "BottleneckConfig", "AdaptionPromptConfig", "PromptTuningConfig"]

@@ -100,14 +100,49 @@ class LoraAdapter(nn.Module):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # [N, r] @ [r, K]
 
 
+from .methods.adalora import AdaLoraAdapter  # noqa: E402 (the other per-layer methods, one module each)
+from .methods.bottleneck import BottleneckAdapter  # noqa: E402
+from .methods.ia3 import IA3Adapter  # noqa: E402
+
 # method name -> adapter class. One entry per method; `method_of` says which one a config asks for.
-METHODS: dict[str, type] = {"lora": LoraAdapter}
+# Besides the four questions above, an adapter class may have:
+#   from_config(config, path, in, out, dtype, device)  how a config builds it (else LoRA's arguments)
+#   transform_input(x) -> x        applied to the layer input before the base (IA3 feed-forward,
+#                                  a serial bottleneck adapter on the input side)
+#   merge_into(W [N, K] fp32, sign) / merge_bias(b, sign)   a merge that is not W + delta (IA3)
+#   merge_refusal                  why it cannot be merged at all (a bottleneck's nonlinearity)
+#   tensors_to_save(config, path)  what the file holds, if not its parameters (AdaLoRA's pruning)
+#   fixed_parameters               parameter names never trained or saved (AdaLoRA's ranknum)
+#   kernel_reason                  why the fused kernels cannot compute it (None: the base can still
+#                                  run on any backend and the term in PyTorch)
+METHODS: dict[str, type] = {"lora": LoraAdapter, "ia3": IA3Adapter, "adalora": AdaLoraAdapter,
+                            "bottleneck": BottleneckAdapter}
+_PEFT_TYPE_METHOD = {"IA3": "ia3", "ADALORA": "adalora", "BOTTLENECK": "bottleneck"}
 
 
 def method_of(config) -> str:
-    """The METHODS key for a LoraConfig (its peft_type and variant flags). LoraConfig refuses the
-    variants we lack when it is built, so every config we hold is plain LoRA for now."""
+    """The METHODS key for a config (its peft_type and variant flags). LoraConfig refuses the
+    variants we lack when it is built, so every LoraConfig we hold is plain LoRA for now."""
+    peft_type = getattr(config, "peft_type", "LORA")
+    if peft_type in _PEFT_TYPE_METHOD:
+        return _PEFT_TYPE_METHOD[peft_type]
     return "lora"
+
+
+def saved_tensors(adapter: nn.Module, config, path: str) -> dict[str, torch.Tensor]:
+    """{name under the layer's path on disk: tensor} of one adapter (its parameters, unless the
+    method says otherwise)."""
+    if hasattr(adapter, "tensors_to_save"):
+        return adapter.tensors_to_save(config, path)
+    fixed = getattr(adapter, "fixed_parameters", ())
+    return {n: p for n, p in adapter.named_parameters() if n not in fixed}
+
+
+def merged_weight(adapter: nn.Module, w: torch.Tensor, sign: int) -> torch.Tensor:
+    """W [N, K] fp32 with `adapter` merged in (sign +1) or taken out (-1)."""
+    if hasattr(adapter, "merge_into"):
+        return adapter.merge_into(w, sign)
+    return w + sign * adapter.delta_weight()
 
 
 def build_adapter(config, path: str, in_features: int, out_features: int, dtype: torch.dtype,
@@ -116,6 +151,8 @@ def build_adapter(config, path: str, in_features: int, out_features: int, dtype:
     from .inject import pattern_value  # the name-pattern rule lives with the other matching rules
 
     cls = METHODS[method_of(config)]
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config, path, in_features, out_features, dtype, device)
     return cls(in_features, out_features, r=pattern_value(config.rank_pattern, path, config.r),
                lora_alpha=pattern_value(config.alpha_pattern, path, config.lora_alpha),
                lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 README = "README.md"
+# config fields the card lists, when the adapter's method has them
+SETTINGS = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "init_r", "target_r",
+            "num_virtual_tokens", "adapter_len")
 
 
 def push_to_hub(model, repo_id: str, *, commit_message: Optional[str] = "Upload adapter",
@@ -75,16 +78,16 @@ def model_card(model, title: str, tags: Optional[Sequence[str]] = None) -> str:
     meta = _metadata(model, tags)
     config = model.peft_config[model.active_adapters[0]]
     base = config.base_model_name_or_path
-    targets = config.target_modules
+    targets = getattr(config, "target_modules", None)
     targets = sorted(targets) if isinstance(targets, set) else targets
+    settings = ", ".join(f"{k}={getattr(config, k)}" for k in SETTINGS if hasattr(config, k))
     auto = _auto_class(config.task_type)
     lines = [
         "---", ModelCardData(**meta).to_yaml(), "---", "",
         f"# {title}", "",
-        f"A LoRA adapter in PEFT format{f' for `{base}`' if base else ''}, trained with lorafuse.",
+        f"A {config.peft_type} adapter in PEFT format{f' for `{base}`' if base else ''}, trained with lorafuse.",
         "",
-        f"- r={config.r}, lora_alpha={config.lora_alpha}, lora_dropout={config.lora_dropout}, "
-        f"use_rslora={config.use_rslora}, task_type={config.task_type}",
+        f"- {settings}",
         f"- target_modules: {targets}",
         f"- adapters: {sorted(model.peft_config)}",
     ]

@@ -21,6 +21,7 @@ from .adapters import build_adapter
 from .config import ALL_LINEAR, LoraConfig, default_target_modules
 from .embedding import LoraEmbedding, build_embedding_adapter
 from .layer import BASE_ROW, LoraLinear
+from .methods.adaption_prompt import AdaptedAttention
 
 
 class ModulesToSave(nn.Module):
@@ -126,7 +127,8 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig):
     tm = config.target_modules
     if tm is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        return set(default_target_modules(model_type))
+        defaults = getattr(config, "default_targets", None)  # a method's own table (IA3, AdaLoRA, ...)
+        return set(defaults(model_type) if defaults is not None else default_target_modules(model_type))
     if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
         names = {n for n, m in iter_modules(model) if is_linear_target(m)}
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -172,7 +174,7 @@ def _is_module_to_save(config: LoraConfig, key: str) -> bool:
 
 def check_no_lora(model: nn.Module) -> None:
     """Refuse a model that already has LoRA layers (wrapping it again would nest adapters)."""
-    existing = [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, ModulesToSave))]
+    existing = [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, ModulesToSave, AdaptedAttention))]
     if existing:
         raise ValueError(f"the model already has LoRA layers ({existing[:3]}...). Fix: wrap the original "
                          f"base model, add a second adapter with LoraModel.add_adapter(name, config), or "
@@ -324,7 +326,7 @@ def adapter_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> 
     every layer and its modules_to_save copies."""
     out = []
     for m in model.modules():
-        if isinstance(m, LoraLinear):
+        if isinstance(m, (LoraLinear, AdaptedAttention)):
             owned = m.adapters
         elif isinstance(m, ModulesToSave):
             owned = m.modules_to_save
@@ -332,7 +334,8 @@ def adapter_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> 
             continue
         for name, sub in owned.items():
             if adapter_name is None or name == adapter_name:
-                out += list(sub.parameters())
+                fixed = getattr(sub, "fixed_parameters", ())  # e.g. AdaLoRA's ranknum: never trained
+                out += [p for n, p in sub.named_parameters() if n not in fixed]
     return out
 
 

@@ -23,6 +23,13 @@ no adapter name in any key):
                                                      modules_to_save module X)
     base_model.model.X.<name>                        modules_to_save X: the adapter's trained copy
 
+The other methods (lora_core.methods) keep the same rule, "P.<tensor>" on disk for the tensor
+"P.adapters.<adapter>.<tensor>" in memory, with peft's tensor names: IA3 `P.ia3_l`; AdaLoRA
+`P.lora_A`, `P.lora_B`, `P.lora_E` (only the kept triplets once `rank_pattern` is in the config);
+adaption prompts `<attention path>.adaption_prompt`, `.adaption_gate`; astraios bottleneck
+adapters `P.adapter_down.weight`, `P.adapter_up.weight` (`.adapter_scaling`). Prompt tuning saves
+one tensor, `prompt_embeddings`, without the prefix. The json's `peft_type` picks the config class.
+
 In memory the same tensors are `P.adapters.<adapter>.lora_A.weight` and
 `X.modules_to_save.<adapter>.<name>`. Loading checks every key, shape and value (finite) against
 the model *before* anything is injected, so an adapter that does not fit raises ValueError (naming
@@ -47,9 +54,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import tasks
-from .config import LoraConfig
+from .adapters import saved_tensors
 from .inject import ModulesToSave, find_targets, modules_to_save_names, new_adapter
 from .layer import LoraLinear
+from .methods import adaption_prompt, config_from_dict
+from .methods.adaption_prompt import AdaptedAttention
 from .model import LoraModel, _check_adapter_name, get_lora_model
 
 CONFIG_NAME = "adapter_config.json"
@@ -57,6 +66,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."  # peft's prefix: PeftModel.base_model (LoraModel) .model (HF model)
 DEFAULT = "default"  # the adapter saved at the folder root
+PROMPT_KEY = "prompt_embeddings"  # prompt tuning's one tensor, saved without a prefix (peft)
 
 PathLike = Union[str, os.PathLike]
 
@@ -67,13 +77,14 @@ def adapter_state_dict(model: LoraModel, adapter_name: str = DEFAULT) -> dict[st
     parameters); empty when no layer holds it."""
     cfg = model.peft_config[adapter_name]
     hf = model.base_model
+    if adapter_name in model.prompt_encoder:
+        return {PROMPT_KEY: model.prompt_encoder[adapter_name].embedding.weight.detach()}
     layers = {p: m for p, m in model.lora_layers().items() if adapter_name in m.adapters}
     mts = _modules_to_save(hf)
     out: dict[str, torch.Tensor] = {}
-    for path, layer in layers.items():
-        # the adapter's own parameter names: lora_A.weight [r, in], lora_B.weight [out, r]; on
-        # embeddings lora_embedding_A [r, V], lora_embedding_B [D, r] (peft's keys, no adapter name)
-        for key, t in layer.adapters[adapter_name].named_parameters():
+    for path, host in _hosts(hf, adapter_name).items():
+        # LoRA: P.lora_A.weight [r, in], P.lora_B.weight [out, r]; other methods their own names
+        for key, t in saved_tensors(host.adapters[adapter_name], cfg, path).items():
             out[f"{path}.{key}"] = t
     if cfg.bias == "all":
         # peft keeps every state-dict key ending in ".bias", wherever it lives.
@@ -90,6 +101,13 @@ def adapter_state_dict(model: LoraModel, adapter_name: str = DEFAULT) -> dict[st
             for key, t in _tensors(module.modules_to_save[adapter_name]):
                 out[f"{path}.{key}"] = t
     return {PREFIX + k: v.detach() for k, v in out.items()}
+
+
+def _hosts(hf: nn.Module, adapter_name: Optional[str] = None) -> dict[str, nn.Module]:
+    """{path: module} of every module holding adapters in an `adapters` registry (LoraLinear, an
+    adaption-prompt attention), holding `adapter_name` if given."""
+    return {p: m for p, m in hf.named_modules() if isinstance(m, (LoraLinear, AdaptedAttention))
+            and (adapter_name is None or adapter_name in m.adapters)}
 
 
 def _tensors(root: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -119,7 +137,7 @@ def _plain_tensors(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, tor
         if b is not None and name not in root._non_persistent_buffers_set:
             yield prefix + name, b
     for name, child in root.named_children():
-        if isinstance(child, LoraLinear):
+        if isinstance(child, (LoraLinear, AdaptedAttention)):
             child = child.base_layer
         elif isinstance(child, ModulesToSave):
             child = child.original_module
@@ -162,7 +180,7 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
     payload = {}  # folder relative to target ("" = root) -> (config dict, tensors)
     for name in names:
         tensors = _for_safetensors(adapter_state_dict(model, name))
-        if not any(name in layer.adapters for layer in model.lora_layers().values()):
+        if name not in model.prompt_encoder and not _hosts(model.base_model, name):
             raise ValueError(f"adapter {name!r} is on no layer of this model (merge_and_unload() or unload() "
                              f"removed the LoRA layers): there is nothing to save; {str(target)!r} was not "
                              f"touched. Fix: save before merging, or save the merged model itself.")
@@ -248,8 +266,9 @@ def _for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---- load ------------------------------------------------------------------------------------------
-def read_config(directory: PathLike) -> LoraConfig:
-    """The LoraConfig in `directory`/adapter_config.json (ours or peft's; a hub repo id works too)."""
+def read_config(directory: PathLike):
+    """The config in `directory`/adapter_config.json (ours or peft's; a hub repo id works too): a
+    LoraConfig, or another method's config chosen by the json's peft_type (lora_core.methods)."""
     local = _local_dir(directory, need_weights=False)
     path = local / CONFIG_NAME
     if not path.is_file():
@@ -265,7 +284,7 @@ def read_config(directory: PathLike) -> LoraConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of LoraConfig fields "
                          f"(\"r\", \"lora_alpha\", ...). Fix: re-save the adapter.")
-    return LoraConfig.from_dict(raw)
+    return config_from_dict(raw)
 
 
 def load_adapter(base_model: nn.Module, directory: PathLike, adapter_name: str = DEFAULT,
@@ -286,8 +305,9 @@ def load_adapter(base_model: nn.Module, directory: PathLike, adapter_name: str =
     state = _read_weights(local)
     plan = _plan(base_model, config, state, local, adapter_name)  # raises before any change to base_model
 
+    config._from_file = True  # the weights come from the file: no init that needs more (a tokenizer)
     model = get_lora_model(base_model, config, adapter_name=adapter_name)
-    _fill(model, plan, state)
+    _fill(model, plan, state, adapter_name)
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -309,34 +329,48 @@ def load_into(model: LoraModel, directory: PathLike, adapter_name: str, is_train
     tasks.add_task_heads(config)  # as get_lora_model does, so the plan expects the head's tensors
     state = _read_weights(local)
     plan = _plan(model.base_model, config, state, local, adapter_name)
+    config._from_file = True
     model.add_adapter(adapter_name, config)  # validates the rest (bias rule) before changing anything
-    _fill(model, plan, state)
+    _fill(model, plan, state, adapter_name)
     if is_trainable:
         model.set_requires_grad(adapter_name, True)
     else:
         model.eval()
 
 
-def _fill(model: LoraModel, plan: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+def _fill(model: LoraModel, plan: dict[str, str], state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    model.peft_config[adapter_name].__dict__.pop("_from_file", None)
     live = dict(_tensors(model.base_model))
+    if adapter_name in model.prompt_encoder:
+        live[f"prompt_encoder.{adapter_name}.embedding.weight"] = model.prompt_encoder[adapter_name].embedding.weight
     with torch.no_grad():
         for disk_key, model_key in plan.items():
             dst = live[model_key]
             dst.copy_(state[disk_key].to(device=dst.device, dtype=dst.dtype))
 
 
-def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], where: Path,
+def _plan(tree: nn.Module, config, state: dict[str, torch.Tensor], where: Path,
           adapter_name: str) -> dict[str, str]:
     """{disk key: key in the model after adapter `adapter_name` is added} for every tensor in
     `state`, computed from `tree` as it is now (nothing is injected; `tree` may already hold other
     adapters). Raises ValueError listing every key that does not fit."""
+    config = config.copy()
     try:
-        targets = set(find_targets(tree, config))
-        mts = modules_to_save_names(tree, config)
+        if hasattr(config, "prepare_for"):
+            config.prepare_for(tree)
+        if config.peft_type == "PROMPT_TUNING":
+            return _plan_prompt(config, state, where, adapter_name)
+        if config.peft_type == "ADAPTION_PROMPT":
+            targets, mts = set(adaption_prompt.target_paths(tree, config)), []
+        else:
+            targets = set(find_targets(tree, config))
+            mts = modules_to_save_names(tree, config)
     except ValueError as e:  # the config itself does not fit this model
         raise ValueError(f"adapter {str(where)!r} does not fit this {type(tree).__name__}; the model "
                          f"was not changed. {e}") from e
-    expected = _expected_tensors(tree, config, targets, mts, adapter_name)  # model key -> (shape, dtype)
+    own = _adapter_tensors(tree, config, targets, adapter_name)  # disk key -> (model key, shape)
+    expected = _expected_tensors(tree, targets, mts, adapter_name)  # model key -> (shape, dtype)
+    expected.update({key: (shape, torch.float32) for key, shape in own.values()})
 
     plan: dict[str, str] = {}
     unexpected, bad_shape, quantized = [], [], []
@@ -345,21 +379,23 @@ def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
         if not disk_key.startswith(PREFIX):
             unexpected.append(f"{disk_key} (peft keys start with {PREFIX!r})")
             continue
-        key = _from_disk_name(disk_key[len(PREFIX):], mts, adapter_name, expected)
+        name = disk_key[len(PREFIX):]
+        key = own[name][0] if name in own else _from_disk_name(name, mts, adapter_name)
         if key not in expected:
-            unexpected.append(disk_key[len(PREFIX):])
+            unexpected.append(name)
             continue
         seen.add(key)
         shape, dtype = expected[key]
         if list(t.shape) != list(shape):
-            bad_shape.append(_shape_msg(key, disk_key[len(PREFIX):], list(t.shape), list(shape)))
+            bad_shape.append(f"{_describe(name, own)}: adapter {list(t.shape)} vs model {list(shape)}")
         elif not dtype.is_floating_point:
             quantized.append(key)
         else:
             plan[disk_key] = key
-    required = sorted(k for k in expected if _LORA_KEY.fullmatch(k) and f".adapters.{adapter_name}." in k)
-    required += [k for k in expected if any(k.startswith(f"{x}.modules_to_save.{adapter_name}.") for x in mts)]
-    missing = [k for k in required if k not in seen]
+    required = {key: disk for disk, (key, _) in own.items()}
+    required.update({k: k.replace(f".modules_to_save.{adapter_name}.", ".") for k in expected
+                     if any(k.startswith(f"{x}.modules_to_save.{adapter_name}.") for x in mts)})
+    missing = [disk for key, disk in sorted(required.items(), key=lambda kv: kv[1]) if key not in seen]
 
     if unexpected or bad_shape or quantized or missing:
         parts = []
@@ -370,28 +406,67 @@ def _plan(tree: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], w
                          f"({len(unexpected)}):\n  " + "\n  ".join(sorted(unexpected)[:20]))
         if missing:
             parts.append(f"weights the adapter lacks for modules the config adapts ({len(missing)}):\n  "
-                         + "\n  ".join(_disk_name_of(k, adapter_name) for k in missing[:20]))
+                         + "\n  ".join(missing[:20]))
         if quantized:
             parts.append("tensors for quantized base weights (cannot be loaded into bitsandbytes storage):"
                          "\n  " + "\n  ".join(quantized[:20]))
-        trained_on = config.base_model_name_or_path or "unknown"
-        raise ValueError(
-            f"adapter {str(where)!r} does not fit this {type(tree).__name__}; the model was not "
-            f"changed.\n" + "\n".join(parts) + f"\nFix: load the adapter into the base model it was "
-            f"trained on (base_model_name_or_path: {trained_on}) with the same architecture sizes.")
+        raise _misfit(where, tree, config, parts)
     return plan
 
 
-def _expected_tensors(tree: nn.Module, config: LoraConfig, targets: set[str], mts: list[str],
-                      adapter_name: str) -> dict:
-    """{key in the model once the adapter is added: (shape, dtype)} for every tensor a file may
-    give: the adapter's LoRA weights and modules_to_save copies, and the base model's tensors."""
+def _misfit(where: Path, tree: nn.Module, config, parts: list[str]) -> ValueError:
+    trained_on = config.base_model_name_or_path or "unknown"
+    return ValueError(
+        f"adapter {str(where)!r} does not fit this {type(tree).__name__}; the model was not "
+        f"changed.\n" + "\n".join(parts) + f"\nFix: load the adapter into the base model it was "
+        f"trained on (base_model_name_or_path: {trained_on}) with the same architecture sizes.")
+
+
+def _plan_prompt(config, state: dict[str, torch.Tensor], where: Path, adapter_name: str) -> dict[str, str]:
+    """Prompt tuning: the file holds `prompt_embeddings` [n * submodules, token_dim], nothing else."""
+    want = [config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim]
+    parts = []
+    if set(state) != {PROMPT_KEY}:
+        parts.append(f"a prompt-tuning file holds exactly one tensor, {PROMPT_KEY!r}; found {sorted(state)[:5]}")
+    elif list(state[PROMPT_KEY].shape) != want:
+        parts.append(f"{PROMPT_KEY}: adapter {list(state[PROMPT_KEY].shape)} vs model {want} (num_virtual_tokens "
+                     f"x submodules, token_dim)")
+    if parts:
+        raise ValueError(f"adapter {str(where)!r} does not fit; the model was not changed.\n" + "\n".join(parts))
+    return {PROMPT_KEY: f"prompt_encoder.{adapter_name}.embedding.weight"}
+
+
+def _adapter_tensors(tree: nn.Module, config, targets: set[str], adapter_name: str) -> dict:
+    """{disk key (no prefix): (model key, shape)} of the adapter's own tensors on each target, from
+    shape-only (meta-device) adapters built as the injection will build them."""
     out = {}
-    for path in targets:
-        # the adapter injection would build, shapes only (the meta device draws nothing)
-        adapter = new_adapter(config, path, tree.get_submodule(path), torch.float32, torch.device("meta"))
-        for key, p in adapter.named_parameters():
-            out[f"{path}.adapters.{adapter_name}.{key}"] = (tuple(p.shape), torch.float32)
+    for path in sorted(targets):
+        module = tree.get_submodule(path)
+        if config.peft_type == "ADAPTION_PROMPT":
+            adapter = adaption_prompt.AdaptionPrompt(config.adapter_len, tree.config.hidden_size, torch.float32,
+                                                     device="meta")
+            tensors = dict(adapter.named_parameters())
+        else:  # as the injection builds it (an embedding gets its own kind), shapes only
+            adapter = new_adapter(config, path, module, torch.float32, torch.device("meta"))
+            tensors = saved_tensors(adapter, config, path)
+        for name, t in tensors.items():
+            out[f"{path}.{name}"] = (f"{path}.adapters.{adapter_name}.{name}", tuple(t.shape))
+    return out
+
+
+def _describe(disk_name: str, own: dict) -> str:
+    """"lora_A of <path>" for an adapter tensor, else the disk name."""
+    if disk_name in own:
+        path, _, rest = own[disk_name][0].partition(".adapters.")
+        tensor = rest.partition(".")[2]
+        return f"{tensor[:-len('.weight')] if tensor.endswith('.weight') else tensor} of {path}"
+    return disk_name
+
+
+def _expected_tensors(tree: nn.Module, targets: set[str], mts: list[str], adapter_name: str) -> dict:
+    """{key in the model once the adapter is added: (shape, dtype)} for the base model's tensors a
+    file may give (bias="all", modules_to_save), and the adapter's modules_to_save copies."""
+    out = {}
     for key, t in _plain_tensors(tree):
         module_path, _, name = key.rpartition(".")
         spec = (tuple(t.shape), t.dtype)
@@ -416,10 +491,10 @@ def _get(tree: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _from_disk_name(key: str, mts: list[str], adapter_name: str, expected=()) -> str:
-    """Disk key (prefix stripped) -> model key: `P.lora_A.weight` -> `P.adapters.<adapter>.lora_A.weight`
-    (any adapter tensor `P.t` whose `P.adapters.<adapter>.t` is in `expected`); modules_to_save
-    `X.k` or `X.modules_to_save.k` -> `X.modules_to_save.<adapter>.k`."""
+def _from_disk_name(key: str, mts: list[str], adapter_name: str) -> str:
+    """Disk key (prefix stripped) of a base or modules_to_save tensor -> model key: modules_to_save
+    `X.k` or `X.modules_to_save.k` -> `X.modules_to_save.<adapter>.k`; others as they are. (The
+    adapter's own tensors are mapped by `_adapter_tensors`.)"""
     for path in mts:
         if key.startswith(f"{path}."):
             rest = key[len(path) + 1:]
@@ -428,28 +503,7 @@ def _from_disk_name(key: str, mts: list[str], adapter_name: str, expected=()) ->
             if rest.startswith("modules_to_save."):
                 rest = rest[len("modules_to_save."):]
             return f"{path}.modules_to_save.{adapter_name}.{rest}"
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):  # the longest module path first
-        candidate = ".".join(parts[:i] + ["adapters", adapter_name] + parts[i:])
-        if candidate in expected:
-            return candidate
     return key
-
-
-# a model key of an adapter tensor: <path>.adapters.<name>.<tensor> (lora_A.weight, lora_embedding_A, ...)
-_LORA_KEY = re.compile(r"(?P<path>.+)\.adapters\.[^.]+\.(?P<which>[^.]+(?:\.weight)?)")
-
-
-def _disk_name_of(key: str, adapter_name: str) -> str:
-    m = _LORA_KEY.fullmatch(key)
-    return f"{m['path']}.{m['which']}" if m else key.replace(f".modules_to_save.{adapter_name}.", ".")
-
-
-def _shape_msg(key: str, disk_name: str, got: list, want: list) -> str:
-    """"lora_A of <path>: adapter [8, 64] vs model [8, 128]"; other tensors by their disk name."""
-    m = _LORA_KEY.fullmatch(key)
-    name = f"{m['which'].removesuffix('.weight')} of {m['path']}" if m else disk_name
-    return f"{name}: adapter {got} vs model {want}"
 
 
 # ---- files -----------------------------------------------------------------------------------------

@@ -18,7 +18,10 @@ Forward, three cases:
   (rows grouped by adapter: gather x's rows, compute the term, add it to those rows in place, as
   peft's `result[rows] += term`); "__base__" rows get nothing. A batch whose rows all name one
   adapter takes the first path. What it costs against one adapter: README, benchmarks/mixed_batch.py.
-The last two run the adapter terms in PyTorch whatever the backend (the base still uses it).
+The last two run the adapter terms in PyTorch whatever the backend (the base still uses it), and so
+does one adapter of a method the fused kernel cannot compute (IA3's scale, a bottleneck adapter's
+activation: `adapter.kernel_reason`), which backend "triton" refuses with that reason. Input-side
+methods (IA3 on a feed-forward layer, a serial bottleneck adapter) transform x before the base.
 
 bitsandbytes' own forward never runs on a wrapped layer, so its in-place CPU repacking cannot
 corrupt the storage we read. Merging is explicit (`merge()` / `unmerge()`), per adapter set,
@@ -35,7 +38,7 @@ from torch import nn
 import kernels
 
 from . import quant
-from .adapters import LoraAdapter
+from .adapters import LoraAdapter, merged_weight
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 _warned: set[str] = set()  # reasons already reported (once per process)
@@ -103,14 +106,21 @@ class LoraLinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    # peft's per-adapter dicts, as read-only views of the registry
-    lora_A = property(lambda self: {n: a.lora_A for n, a in self.adapters.items()})
-    lora_B = property(lambda self: {n: a.lora_B for n, a in self.adapters.items()})
-    lora_dropout = property(lambda self: {n: a.lora_dropout for n, a in self.adapters.items()})
-    scaling = property(lambda self: {n: a.scaling for n, a in self.adapters.items()})
-    r = property(lambda self: {n: a.r for n, a in self.adapters.items()})
-    lora_alpha = property(lambda self: {n: a.lora_alpha for n, a in self.adapters.items()})
-    use_rslora = property(lambda self: {n: a.use_rslora for n, a in self.adapters.items()})
+    # peft's per-adapter dicts, as read-only views of the registry (adapters of the methods that
+    # have the attribute: `ia3_l` for IA3, `lora_E` for AdaLoRA, ...)
+    lora_A = property(lambda self: self._view("lora_A"))
+    lora_B = property(lambda self: self._view("lora_B"))
+    lora_dropout = property(lambda self: self._view("lora_dropout"))
+    scaling = property(lambda self: self._view("scaling"))
+    r = property(lambda self: self._view("r"))
+    lora_alpha = property(lambda self: self._view("lora_alpha"))
+    use_rslora = property(lambda self: self._view("use_rslora"))
+    lora_E = property(lambda self: self._view("lora_E"))
+    ranknum = property(lambda self: self._view("ranknum"))
+    ia3_l = property(lambda self: self._view("ia3_l"))
+
+    def _view(self, attr: str) -> dict:
+        return {n: getattr(a, attr) for n, a in self.adapters.items() if hasattr(a, attr)}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -143,10 +153,17 @@ class LoraLinear(nn.Module):
             # so torch.manual_seed reproduces a run and checkpointing's RNG restore covers it)
             return kernels.lora_linear(x, self._base_record(), quant.base_bias(self.base_layer), A, B,
                                        scaling, p, self.training, backend=self.kernel, seed=None)
-        y = self._base(x)
+        if len(todo) == 1:
+            self._check_backend_computes(todo[0], x)
+        xb = x
+        for adapter in todo:  # input-side methods (IA3 feed-forward, a serial input adapter)
+            if hasattr(adapter, "transform_input"):
+                xb = adapter.transform_input(xb)
+        y = self._base(xb)
         if not todo:
             return y
-        self._note_torch_terms(x, "several active adapters")
+        if len(todo) > 1:
+            self._note_torch_terms(x, "several active adapters")
         result = y
         for adapter in todo:
             result = adapter(x, result)
@@ -181,9 +198,24 @@ class LoraLinear(nn.Module):
             part = x.index_select(0, idx)  # [b, ..., K]
             if hasattr(adapter, "term"):  # additive: add the term to its rows in place, as peft's +=
                 y.index_add_(0, idx, adapter.term(part).to(y.dtype))
+            elif hasattr(adapter, "transform_input"):  # the base itself sees other inputs on these rows
+                y.index_copy_(0, idx, self._apply_adapters(part, [adapter]).to(y.dtype))
             else:
                 y.index_copy_(0, idx, adapter(part, y.index_select(0, idx)).to(y.dtype))
         return y
+
+    def _check_backend_computes(self, adapter: nn.Module, x: torch.Tensor) -> None:
+        """One adapter the fused kernel cannot take: refused on "triton" when the kernels cannot
+        compute its method at all (`kernel_reason`), noted once on "auto" with a GPU input."""
+        reason = getattr(adapter, "kernel_reason", None)
+        if reason is None:
+            self._note_torch_terms(x, f"{getattr(adapter, 'method', 'this')} adapters (not fused)")
+        elif self.kernel == "triton":
+            raise ValueError(f"kernel='triton' cannot run this {adapter.method} adapter: {reason}. Fix: "
+                             f"model.set_kernel('auto') (base on triton where it can, the adapter in PyTorch) "
+                             f"or 'torch'.")
+        else:
+            self._note_torch_terms(x, f"{adapter.method} adapter: {reason}")
 
     def _note_torch_terms(self, x: torch.Tensor, why: str) -> None:
         if self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda):
@@ -260,35 +292,65 @@ class LoraLinear(nn.Module):
     def _held(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if n in self.adapters]
 
+    def mergeable(self, names: Sequence[str]) -> bool:
+        """False if any named adapter's merge input is non-finite; ValueError for a method that
+        cannot be merged at all (a bottleneck adapter's nonlinearity)."""
+        ok = True
+        for name in self._held(names):
+            adapter = self.adapters[name]
+            refusal = getattr(adapter, "merge_refusal", None)
+            if refusal:
+                raise ValueError(f"adapter {name!r} cannot be merged: {refusal}")
+            if hasattr(adapter, "merge_into"):
+                ok &= all(bool(torch.isfinite(p).all()) for p in adapter.parameters())
+            else:
+                ok &= bool(torch.isfinite(adapter.delta_weight()).all())
+        return ok
+
     def _apply_deltas(self, names: list[str], sign: int) -> float:
         with torch.no_grad():
-            deltas = [self.adapters[n].delta_weight() for n in names]  # each [N, K] fp32
-            bad = [n for n, d in zip(names, deltas) if not torch.isfinite(d).all()]
+            adapters = [self.adapters[n] for n in names]
+            bad = [n for n in names if not self.mergeable([n])]
             if bad:
-                raise ValueError(f"LoRA delta (scaling * B @ A) of adapter {bad} has non-finite values; "
+                raise ValueError(f"the merge of adapter {bad} has non-finite values (e.g. LoRA's scaling * B @ A); "
                                  f"refusing to merge. The base weight is unchanged. Fix: check the "
                                  f"adapter weights for NaN/inf.")
             if quant.is_quantized(self.base_layer):
                 # one re-quantization for the whole set: each one is lossy
                 target = quant.dequantize_base(self.base_layer)  # [N, K] fp32
-                for d in deltas:
-                    target = target + sign * d
+                for a in adapters:
+                    target = merged_weight(a, target, sign)
                 _check_finite(target)
+                new_bias = self._merged_bias(adapters, sign)
                 quant.requantize_into(self.base_layer, target)
             else:
                 w = self.base_layer.weight  # [N, K], or [K, N] when fan_in_fan_out (Conv1D)
+                nk = (lambda m: m.T) if self.fan_in_fan_out else (lambda m: m)  # stored <-> [N, K]
                 new, target = w, w.float()
-                for d in deltas:
-                    d = d.T if self.fan_in_fan_out else d
-                    target = target + sign * d
+                for a in adapters:
+                    target = nk(merged_weight(a, nk(target), sign))
                     # per adapter, W + delta summed in fp32 and rounded once to the base dtype, as
                     # peft does in fp32 (in bf16 / fp16 peft rounds the delta first: two roundings)
-                    new = (new.float() + sign * d).to(w.dtype)
+                    new = nk(merged_weight(a, nk(new.float()), sign)).to(w.dtype)
                 _check_finite(new)
+                new_bias = self._merged_bias(adapters, sign)
                 w.data.copy_(new)
-                if self.fan_in_fan_out:
-                    target = target.T
+                target = nk(target)
+            if new_bias is not None:
+                self.base_layer.bias.data.copy_(new_bias)
             return (quant.dequantize_base(self.base_layer) - target).abs().max().item()
+
+    def _merged_bias(self, adapters: list, sign: int) -> Optional[torch.Tensor]:
+        """The base bias with the adapters' bias changes (IA3's output scale), None if none applies."""
+        b = getattr(self.base_layer, "bias", None)
+        if b is None or not any(hasattr(a, "merge_bias") for a in adapters):
+            return None
+        new = b
+        for a in adapters:
+            if hasattr(a, "merge_bias"):
+                new = a.merge_bias(new.float(), sign).to(b.dtype)
+        _check_finite(new)
+        return new
 
 
 def _check_finite(w: torch.Tensor) -> None:

@@ -5,6 +5,11 @@
     model.set_adapter("other")                                    # what the forward applies and trains
     model(**batch, adapter_names=["default", "other", "__base__"])  # a mixed batch (eval mode)
 
+The same entry points take the other PEFT methods' configs (lora_core.methods): IA3, AdaLoRA and
+astraios bottleneck adapters live on LoraLinear layers like LoRA; adaption prompts in wrapped
+attention modules; prompt tuning's prompts in `prompt_encoder` here (forward and generate prepend
+them). One model holds adapters of one method (peft's rule).
+
 `peft_config` maps each adapter name to its LoraConfig (peft's attribute); `active_adapter(s)`
 names what the forward applies. Adapters may differ in r, alpha, targets and options: a module
 targeted only by one adapter holds only that one (see `lora_core.layer`).
@@ -35,14 +40,15 @@ from .config import LoraConfig
 from .inject import (ModulesToSave, adapter_parameters, bias_parameters, check_no_lora, find_targets,
                      inject_lora, resolve_target_modules)
 from .layer import BASE_ROW, LoraLinear, _check_kernel
+from .methods import adalora, adaption_prompt, as_config, is_prompt_method, prompt_tuning
+from .methods.adaption_prompt import AdaptedAttention
+from .methods.prompt_tuning import PromptEmbedding
 
 _TUNER = ("a peft tuner internal; lorafuse has no separate tuner object (the LoraModel is both "
           "PeftModel and tuner)")
 # peft / transformers names we do not implement -> why, and what to do instead. LoraModel.__getattr__
 # raises AttributeError with this text instead of forwarding the name to the wrapped HF model.
 REFUSED: dict[str, str] = {
-    "get_prompt": "prompt learning (prompt / prefix / p-tuning) is not implemented in lorafuse",
-    "get_prompt_embedding_to_save": "prompt learning (prompt / prefix / p-tuning) is not implemented",
     "prepare_model_for_gradient_checkpointing": "Fix: call model.gradient_checkpointing_enable() and "
                                                 "model.enable_input_require_grads(), or use "
                                                 "lora_core.prepare_model_for_kbit_training(base)",
@@ -78,6 +84,7 @@ class LoraModel(nn.Module):
         _check_adapter_name(adapter_name)
         check_no_lora(model)
         self.base_model = model
+        self.prompt_encoder = nn.ModuleDict()  # prompt-tuning adapters (peft's name); empty otherwise
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = [adapter_name]
         self._lora_dtype = lora_dtype
@@ -88,7 +95,22 @@ class LoraModel(nn.Module):
                 targets: Optional[list[str]] = None) -> None:
         config = _as_lora_config(config).copy()
         config.validate()  # fields may have been edited since construction
-        tasks.add_task_heads(config)  # the task's head trains in full and is never a LoRA target
+        if hasattr(config, "prepare_for"):  # what a method reads from the model (sizes, defaults)
+            config.prepare_for(self.base_model)
+        methods = {c.peft_type for c in self.peft_config.values()}
+        if methods and methods != {config.peft_type}:
+            raise ValueError(f"this model holds {sorted(methods)} adapters; a {config.peft_type} adapter cannot be "
+                             f"added to them (peft refuses to combine PEFT types too). Fix: wrap another copy "
+                             f"of the base model.")
+        if is_prompt_method(config) and config.task_type in tasks.TASK_HEADS:
+            raise ValueError(f"task_type={config.task_type!r} with {config.peft_type}: the task's new head must "
+                             f"train in full (peft puts it in modules_to_save), which lorafuse's prompt methods do "
+                             f"not do. Fix: use LoRA, IA3 or AdaLoRA for this task.")
+        if is_prompt_method(config):
+            self._inject_prompt(name, config)
+            self._record(name, config)
+            return
+        tasks.add_task_heads(config)  # the task's head trains in full and is never a target
         tasks.check_task_heads(self.base_model, config)
         # Record what was resolved, as peft does (None -> the architecture's default list,
         # "all-linear" -> every linear layer's path), so adapter_config.json names what was adapted.
@@ -97,25 +119,123 @@ class LoraModel(nn.Module):
         inject_lora(self.base_model, config, name, lora_dtype=self._lora_dtype, kernel=self._kernel,
                     targets=targets, active=self._active, copy_from=copy_from)
         config.target_modules = resolved
+        if hasattr(config, "targets_resolved"):  # a method whose other fields follow (IA3's feed-forward)
+            config.targets_resolved(targets)
+        self._record(name, config)
+
+    def _record(self, name: str, config) -> None:
         if config.base_model_name_or_path is None:
             hf_config = getattr(self.base_model, "config", None)
             config.base_model_name_or_path = getattr(hf_config, "_name_or_path", None) or None
         self.peft_config[name] = config
+
+    def _inject_prompt(self, name: str, config) -> None:
+        """Adaption prompts go into attention modules; a prompt-tuning prompt lives on this model.
+        As for LoRA, everything but adapters is frozen and the new one trains iff it is active."""
+        if config.peft_type == "ADAPTION_PROMPT":
+            adaption_prompt.inject(self.base_model, name, config, self._active)
+        else:
+            if name in self.prompt_encoder:
+                raise ValueError(f"a prompt named {name!r} already exists")
+            encoder = PromptEmbedding(config, prompt_tuning.word_embeddings(self.base_model),
+                                      initialise=not getattr(config, "_from_file", False))
+            device = prompt_tuning.word_embeddings(self.base_model).weight.device
+            self.prompt_encoder[name] = encoder.to(device)
+        keep = {id(p) for p in self._adapter_params()}
+        for p in self.base_model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+        for p in self._adapter_params(name):
+            p.requires_grad_(name in self._active and not config.inference_mode)
+
+    def _adapter_params(self, name: Optional[str] = None) -> list[nn.Parameter]:
+        """Adapter `name`'s parameters (all adapters' when None), on layers and on this model."""
+        own = [m for n, m in self.prompt_encoder.items() if name is None or n == name]
+        return adapter_parameters(self.base_model, name) + [p for m in own for p in m.parameters()]
 
     # ---- forwarding ------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
         """The wrapped model's forward. adapter_names: one adapter name (or "__base__") per row of
         the batch, for a mixed batch (eval mode only, as peft)."""
         _refuse_kwargs(kwargs)
+        prompt = self._active_prompt()
+        if prompt is not None:
+            if adapter_names is not None:
+                raise ValueError("adapter_names (a mixed batch) is not implemented for prompt tuning")
+            return prompt_tuning.forward(prompt, self.base_model, *args, **kwargs)
         with self._mixed_batch(adapter_names):
-            return self.base_model(*args, **kwargs)
+            outputs = self.base_model(*args, **kwargs)
+        return self._add_orth_regulariser(outputs)
 
     def generate(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
         """The wrapped model's generate; adapter_names as in forward (repeated per beam when
         num_beams > 1; an encoder sees the original rows)."""
         _refuse_kwargs(kwargs)
+        prompt = self._active_prompt()
+        if prompt is not None:
+            if adapter_names is not None:
+                raise ValueError("adapter_names (a mixed batch) is not implemented for prompt tuning")
+            return prompt_tuning.generate(prompt, self.base_model, *args, **kwargs)
         with self._mixed_batch(adapter_names, num_beams=kwargs.get("num_beams")):
             return self.base_model.generate(*args, **kwargs)
+
+    def _active_prompt(self) -> Optional[PromptEmbedding]:
+        """The active prompt-tuning prompt (None for other methods, or while adapters are disabled)."""
+        names = [n for n in self._active if n in self.prompt_encoder]
+        if not names:
+            return None
+        if len(self._active) > 1:
+            raise ValueError(f"several active adapters {self._active} with prompt tuning: one prompt at a time. "
+                             f"Fix: set_adapter(one name).")
+        encoder = self.prompt_encoder[names[0]]
+        return None if encoder.disabled else encoder
+
+    def _add_orth_regulariser(self, outputs):
+        """AdaLoRA: the loss gets peft's orthogonality term (see lora_core.methods.adalora) in
+        training mode. Unlike peft, not in eval mode: an eval loss stays the task loss, comparable
+        with other methods' (peft adds it to every loss it returns)."""
+        loss = getattr(outputs, "loss", None)
+        reg = self.training_regulariser() if isinstance(loss, torch.Tensor) else None
+        if reg is not None:
+            outputs.loss = loss + reg
+        return outputs
+
+    def training_regulariser(self) -> Optional[torch.Tensor]:
+        """What the method adds to the training loss (AdaLoRA's orth_reg_weight * orthogonality term,
+        in training mode with a trainable AdaLoRA adapter active), else None. A loop that computes
+        its own loss from the logits adds this itself."""
+        config = self.peft_config.get(self._active[0]) if len(self._active) == 1 else None
+        if not self.training or not isinstance(config, adalora.AdaLoraConfig) or config.inference_mode:
+            return None
+        layers = adalora.adalora_layers(self, self._active[0])
+        return config.orth_reg_weight * adalora.orth_regulariser(layers)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update the importance scores and prune ranks per the budget schedule (peft's
+        AdaLoraModel.update_and_allocate). Call it every step after optimizer.step(), before
+        zero_grad(). Works on the active adapter, which must be AdaLoRA and trainable."""
+        name = self._active[0] if len(self._active) == 1 else None
+        config = self.peft_config.get(name)
+        if not isinstance(config, adalora.AdaLoraConfig) or config.inference_mode:
+            raise ValueError(f"update_and_allocate() is for a trainable AdaLoRA adapter; the active adapter "
+                             f"{self._active} is {getattr(config, 'peft_type', 'not one adapter')}"
+                             f"{' (inference mode)' if config is not None and config.inference_mode else ''}")
+        adalora.update_and_allocate(self, name, global_step)
+
+    def get_prompt(self, batch_size: int, task_ids=None) -> torch.Tensor:
+        """Prompt tuning: the active prompt, [batch_size, num_virtual_tokens * submodules, token_dim]."""
+        if task_ids is not None:
+            raise TypeError(f"task_ids=...: {REFUSED_KWARGS['task_ids']}")
+        names = [n for n in self._active if n in self.prompt_encoder]
+        if not names:
+            raise ValueError(f"get_prompt(): the active adapter {self._active} is not a prompt-tuning adapter")
+        return self.prompt_encoder[names[0]](batch_size)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """Prompt tuning: the prompt as saved ([total virtual tokens, token_dim], detached, CPU)."""
+        if adapter_name not in self.prompt_encoder:
+            raise ValueError(f"{adapter_name!r} is not a prompt-tuning adapter of this model")
+        return self.prompt_encoder[adapter_name].embedding.weight.detach().cpu()
 
     def __getattr__(self, name: str):
         try:
@@ -205,9 +325,9 @@ class LoraModel(nn.Module):
         return getattr(self.base_model, "dtype", None)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """Every adapter here is a plain LoRA adapter already."""
+        """True for a LoRA adapter (it is one already); the other methods have no LoRA form here."""
         self._check_known([adapter_name])
-        return True
+        return self.peft_config[adapter_name].peft_type == "LORA"
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) counted as peft 0.21 counts: each shared parameter once, and a bnb 4-bit
@@ -233,12 +353,20 @@ class LoraModel(nn.Module):
     def get_layer_status(self):
         """peft's TunerLayerStatus per adapter layer (which adapters it holds, active, merged)."""
         from . import status
+        self._refuse_status()
         return status.layer_status(self)
 
     def get_model_status(self):
         """peft's TunerModelStatus for the whole model."""
         from . import status
+        self._refuse_status()
         return status.model_status(self)
+
+    def _refuse_status(self) -> None:
+        prompt = sorted({c.peft_type for c in self.peft_config.values() if is_prompt_method(c)})
+        if prompt:
+            raise TypeError(f"layer / model status describe adapter layers; {prompt} adapters have none "
+                            f"(peft refuses them too)")
 
     # ---- adapters --------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
@@ -280,14 +408,14 @@ class LoraModel(nn.Module):
             self.unmerge_adapter()
         self._active = names
         for m in self.base_model.modules():
-            if isinstance(m, (LoraLinear, ModulesToSave)):
+            if isinstance(m, (LoraLinear, ModulesToSave, AdaptedAttention)):
                 m.set_adapter(names)
         for name, config in self.peft_config.items():
             train = name in names and not inference_mode
             for p in bias_parameters(self.base_model, config.bias, name):
                 p.requires_grad_(train)
         for name in self.peft_config:
-            for p in adapter_parameters(self.base_model, name):
+            for p in self._adapter_params(name):
                 p.requires_grad_(name in names and not inference_mode)
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
@@ -295,7 +423,7 @@ class LoraModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_known(names)
         for name in names:
-            for p in adapter_parameters(self.base_model, name):
+            for p in self._adapter_params(name):
                 p.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -311,6 +439,11 @@ class LoraModel(nn.Module):
                 m.delete_adapter(adapter_name)
             elif isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save:
                 del m.modules_to_save[adapter_name]
+            elif isinstance(m, AdaptedAttention) and adapter_name in m.adapters:
+                del m.adapters[adapter_name]
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
+        self.__dict__.get("_rank_allocators", {}).pop(adapter_name, None)
         del self.peft_config[adapter_name]
         active = [n for n in self._active if n != adapter_name]
         if not active and self.peft_config:
@@ -323,7 +456,7 @@ class LoraModel(nn.Module):
         else:
             self._active = []
             for m in self.base_model.modules():
-                if isinstance(m, (LoraLinear, ModulesToSave)):
+                if isinstance(m, (LoraLinear, ModulesToSave, AdaptedAttention)):
                     m.set_adapter([])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -334,6 +467,10 @@ class LoraModel(nn.Module):
         """A new adapter combining `adapters` with `weights` (peft's method, numbers and
         combination types; see lora_core.combine)."""
         from . import combine
+        other = sorted({self.peft_config[a].peft_type for a in adapters if a in self.peft_config} - {"LORA"})
+        if other:
+            raise TypeError(f"add_weighted_adapter combines LoRA adapters; {other} adapters are not supported "
+                            f"(peft refuses them too)")
         combine.add_weighted_adapter(self, list(adapters), list(weights), adapter_name, combination_type,
                                      svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
                                      svd_driver=svd_driver, density=density,
@@ -375,7 +512,8 @@ class LoraModel(nn.Module):
     enable_adapters = enable_adapter_layers
 
     def _switches(self) -> list[nn.Module]:
-        return [m for m in self.base_model.modules() if isinstance(m, (LoraLinear, ModulesToSave))]
+        kinds = (LoraLinear, ModulesToSave, AdaptedAttention)
+        return [m for m in self.base_model.modules() if isinstance(m, kinds)] + list(self.prompt_encoder.values())
 
     def set_kernel(self, name: str) -> None:
         """Backend of every LoraLinear (and of layers added later): "torch" | "triton" | "auto"."""
@@ -394,6 +532,10 @@ class LoraModel(nn.Module):
             raise TypeError(f"adapter_names must be a list of names, got {adapter_names!r}")
         names = list(self._active if adapter_names is None else adapter_names)
         self._check_known(names)
+        prompt = sorted({self.peft_config[n].peft_type for n in names if is_prompt_method(self.peft_config[n])})
+        if prompt:
+            raise ValueError(f"{prompt} adapters add tokens or attention terms, not a weight change: there is "
+                             f"nothing to merge into the base weights. Fix: keep the adapter unmerged.")
         layers = self.lora_layers()
         todo = {p: [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
                 for p, layer in layers.items()}
@@ -402,7 +544,7 @@ class LoraModel(nn.Module):
         if already:
             warnings.warn(f"merge_adapter(): {already} already merged; "
                           f"{'nothing more to merge' if not todo else 'merging the rest'} (no double add).")
-        bad = [p for p, ns in todo.items() if not torch.isfinite(layers[p].delta_weight(ns)).all()]
+        bad = [p for p, ns in todo.items() if not layers[p].mergeable(ns)]
         if bad:  # checked for every layer first, so a bad one leaves the whole model unmerged
             raise ValueError(f"LoRA delta of {bad} has non-finite values; refusing to merge, nothing "
                              f"changed. Fix: check those layers' lora_A / lora_B for NaN/inf.")
@@ -438,7 +580,7 @@ class LoraModel(nn.Module):
 
     def _unload(self) -> nn.Module:
         for name, module in list(self.base_model.named_modules()):
-            if isinstance(module, LoraLinear):
+            if isinstance(module, (LoraLinear, AdaptedAttention)):
                 _replace(self.base_model, name, module.base_layer)
             elif isinstance(module, ModulesToSave):
                 kept = module.trainable_module
@@ -524,15 +666,10 @@ def _check_adapter_name(name) -> None:
                          f"and not '{BASE_ROW}' (the base model in a mixed batch).")
 
 
-def _as_lora_config(config) -> LoraConfig:
-    """Our LoraConfig; a peft.LoraConfig is read through its dict (the same fields)."""
-    if isinstance(config, LoraConfig):
-        return config
-    if hasattr(config, "to_dict") and str(getattr(config, "peft_type", "")).endswith("LORA"):
-        d = config.to_dict()
-        d["peft_type"] = "LORA"
-        return LoraConfig.from_dict(d)
-    raise TypeError(f"expected a LoraConfig, got {type(config).__name__}")
+def _as_lora_config(config):
+    """Our config (LoraConfig or another method's, see lora_core.methods); a peft config is read
+    through its dict (the same fields)."""
+    return as_config(config)
 
 
 def _refuse_kwargs(kwargs: dict) -> None:

@@ -42,7 +42,7 @@ def add_task_heads(config) -> None:
     """Append the task's head names to config.modules_to_save (in place; names already listed are
     not repeated, unlike peft, which appends them again on every load)."""
     heads = TASK_HEADS.get(config.task_type, ())
-    if not heads:
+    if not heads or not hasattr(config, "modules_to_save"):  # a method without modules to save
         return
     names = list(config.modules_to_save or [])
     config.modules_to_save = names + [h for h in heads if h not in names]
@@ -52,7 +52,7 @@ def check_task_heads(model: nn.Module, config) -> None:
     """Refuse a task type whose head this model lacks (peft then silently trains no head, and the
     classifier stays at its random init). Call after add_task_heads."""
     heads = TASK_HEADS.get(config.task_type, ())
-    if not heads:
+    if not heads or not hasattr(config, "modules_to_save"):
         return
     paths = [name for name, _ in model.named_modules()]
     if not any(p.endswith(m) for p in paths for m in config.modules_to_save or []):

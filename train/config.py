@@ -18,6 +18,8 @@ from typing import Any
 
 from .errors import TrainError
 
+METHODS = ("lora", "ia3", "adalora", "adaption-prompt", "prompt-tuning")  # --method (lora_core's configs)
+PROMPT_METHODS = ("adaption-prompt", "prompt-tuning")  # no weight delta: nothing to merge
 BUILTIN_MODEL = "builtin:tiny-llama"  # the tiny Llama built from train/assets/tiny_llama.json
 BUILTIN_DATASET = "builtin:tagger"  # train/assets/tagger.jsonl (scripts/make_tagger_data.py)
 SEED_MAX = 2**32 - 1  # numpy's seed range (set_seed seeds numpy too)
@@ -93,6 +95,30 @@ class TrainConfig:
                              nonempty=True)
     kernel: str = _f("auto", "LoRA forward/backward backend (triton needs CUDA, or TRITON_INTERPRET=1 on CPU)",
                      ("auto", "torch", "triton"))
+    # --- the PEFT method (lora_core.methods); each method's flags say which method they belong to
+    method: str = _f("lora", "PEFT method: lora; ia3 (learned per-feature scales); adalora (SVD-form LoRA "
+                     "whose ranks are pruned while training); adaption-prompt (Llama-Adapter: prompts with "
+                     "zero-init gates in the top attention layers); prompt-tuning (learned virtual tokens)",
+                     METHODS)
+    feedforward_modules: str = _f("", "ia3: comma-separated targets whose input (not output) is scaled; "
+                                  "empty: peft's default for the architecture (e.g. down_proj)")
+    init_r: int = _f(12, "adalora: starting rank of every adapted layer", gt=0)
+    target_r: int = _f(8, "adalora: average rank per layer at the end", ge=0)
+    tinit: int = _f(0, "adalora: steps before the ranks start to be pruned", ge=0)
+    tfinal: int = _f(0, "adalora: last steps with the final ranks fixed", ge=0)
+    deltaT: int = _f(1, "adalora: steps between two rank allocations", gt=0)
+    beta1: float = _f(0.85, "adalora: EMA factor of the importance scores", gt=0, lt=1)
+    beta2: float = _f(0.85, "adalora: EMA factor of their uncertainty", gt=0, lt=1)
+    orth_reg_weight: float = _f(0.5, "adalora: weight of the orthogonality regulariser added to the "
+                                "training loss", ge=0)
+    adapter_len: int = _f(10, "adaption-prompt: prompt tokens per adapted layer", gt=0)
+    adapter_layers: int = _f(0, "adaption-prompt: adapted attention layers, counted from the top "
+                             "(0: every layer)", ge=0)
+    num_virtual_tokens: int = _f(8, "prompt-tuning: virtual tokens prepended to every input", gt=0)
+    prompt_tuning_init: str = _f("RANDOM", "prompt-tuning: RANDOM, SAMPLE_VOCAB (rows of the word "
+                                 "embeddings) or TEXT (the embeddings of --prompt-tuning-init-text)",
+                                 ("RANDOM", "SAMPLE_VOCAB", "TEXT"))
+    prompt_tuning_init_text: str = _f("", "prompt-tuning: the text for --prompt-tuning-init TEXT")
     # --- data --------------------------------------------------------------------------------
     dataset: str = _f(BUILTIN_DATASET, "hub dataset name (online) or a local .json/.jsonl/.csv/"
                       ".parquet/.txt file or directory; the default is the bundled quote tagger set",
@@ -219,6 +245,27 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise TrainError(f"set --max-steps > 0 or --num-train-epochs > 0 (got {cfg.max_steps} and "
                          f"{cfg.num_train_epochs})")
+    check_method(cfg)
+
+
+def check_method(cfg: TrainConfig) -> None:
+    """The combinations a --method cannot take (its own values are checked by their fields)."""
+    if cfg.method == "adalora":
+        if cfg.max_steps > 0 and cfg.tinit >= cfg.max_steps - cfg.tfinal:
+            raise TrainError(f"--tinit {cfg.tinit} and --tfinal {cfg.tfinal} leave no steps for adalora's rank "
+                             f"allocation in --max-steps {cfg.max_steps} (need tinit < max_steps - tfinal)")
+        if cfg.resume_from_checkpoint:
+            raise TrainError("--resume-from-checkpoint with --method adalora: a checkpoint does not hold the "
+                             "rank allocator's importance averages, so the resumed run would prune differently; "
+                             "rerun from the start")
+    if cfg.method in PROMPT_METHODS and cfg.merge:
+        raise TrainError(f"--merge with --method {cfg.method}: a prompt method adds tokens or attention terms, "
+                         f"not a weight change, so there is no merged model; drop --merge")
+    if cfg.prompt_tuning_init == "TEXT" and not cfg.prompt_tuning_init_text.strip():
+        raise TrainError("--prompt-tuning-init TEXT needs --prompt-tuning-init-text")
+    if cfg.task == "seq-cls" and cfg.method in PROMPT_METHODS:
+        raise TrainError(f"--task seq-cls with --method {cfg.method}: the new classification head must train in "
+                         f"full, which lorafuse's prompt methods do not do; use --method lora, ia3 or adalora")
 
 
 def resume_mismatches(stored: dict, cfg: TrainConfig) -> list[str]:

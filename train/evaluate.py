@@ -26,7 +26,9 @@ def token_losses(model, batch: dict, seq2seq: bool) -> tuple[torch.Tensor, torch
         logits, target = out.logits, batch["labels"]  # [B, T', V], [B, T']
     else:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits, target = out.logits[:, :-1], batch["labels"][:, 1:]  # predict token t+1 from <= t
+        # prompt tuning's logits also cover the virtual tokens in front (peft's shape): keep the last T
+        logits = out.logits[:, out.logits.shape[1] - batch["labels"].shape[1]:]
+        logits, target = logits[:, :-1], batch["labels"][:, 1:]  # predict token t+1 from <= t
     ce = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
     return ce.sum(dim=1), (target != -100).sum(dim=1)  # [B], [B]
 

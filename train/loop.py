@@ -240,7 +240,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     refs = [t[len(p):] for t, p in zip(D.render(cfg.text_template, tag_rows), prompts)] if prompts else []
 
     # 4. Model: frozen base (maybe quantized) -> kbit preparation -> LoRA layers.
-    from lora_core import get_lora_model, prepare_model_for_kbit_training
+    from lora_core import prepare_model_for_kbit_training
 
     base = load_base_model(cfg.model, cfg.quantization, cfg.seed, accelerator.device,
                            num_labels=len(classes) if classify else None)
@@ -253,17 +253,19 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     elif cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    steps_per_epoch = len(sampler) // global_batch  # exact: the sampler trims to full global batches
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    peft_cfg = lora_config(cfg, seq2seq, total_steps)
     try:
-        model = get_lora_model(base, lora_config(cfg, seq2seq))
+        model = _build_lora(cfg, base, peft_cfg, tokenizer)
     except ValueError as e:  # preflight matched the targets on the model's skeleton; this is the real one
         raise TrainError(f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0]}") from None
     model.set_kernel(cfg.kernel)
+    lora = model  # the LoraModel itself (`model` becomes Accelerate's wrapper after prepare)
     if main:
         model.print_trainable_parameters()
 
-    # 5. Optimizer over the trainable (LoRA) parameters only, warm-up + decay schedule.
-    steps_per_epoch = len(sampler) // global_batch  # exact: the sampler trims to full global batches
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    # 5. Optimizer over the trainable (adapter) parameters only, warm-up + decay schedule.
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = transformers.get_scheduler(cfg.lr_scheduler_type, optimizer,
@@ -345,7 +347,11 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
                         with accelerator.accumulate(model):
                             s, _ = token_losses(model, batch, seq2seq)
                             # backward divides by accum and DDP averages over processes: undo both.
-                            accelerator.backward(s.sum() * (accum * world) / n_tok_all)
+                            objective = s.sum() * (accum * world) / n_tok_all
+                            reg = lora.training_regulariser()  # AdaLoRA's orthogonality term, else None
+                            if reg is not None:  # once per step: each micro-batch adds reg / accum
+                                objective = objective + reg
+                            accelerator.backward(objective)
                             loss_sum += s.sum().detach()
                         tokens_since += int(batch["attention_mask"].sum()) * world
                     # sync_gradients is True after the window's last micro-batch: grads are complete.
@@ -357,6 +363,8 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
                         raise TrainDiverged(step + 1, f"the gradient norm is {grad_norm}", last_ckpt)
                     optimizer.step()
                     scheduler.step()
+                    if cfg.method == "adalora":  # importance from this step's gradients, then prune
+                        lora.update_and_allocate(step + 1)
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     if not _all_finite(trainable):
@@ -421,6 +429,22 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, adapter_dir, merged_dir, before, after, log, samples, step, train_seconds)
+
+
+def _build_lora(cfg: TrainConfig, base, peft_cfg, tokenizer):
+    """get_lora_model(base, peft_cfg). Prompt tuning's TEXT init reads the run's tokenizer from a
+    folder; the built-in char tokenizer has none, so it is saved to a temporary one, and the saved
+    config keeps --model as tokenizer_name_or_path (what peft would record)."""
+    from lora_core import get_lora_model
+
+    if not (getattr(peft_cfg, "prompt_tuning_init", None) == "TEXT" and cfg.model == BUILTIN_MODEL):
+        return get_lora_model(base, peft_cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        peft_cfg.tokenizer_name_or_path = folder
+        model = get_lora_model(base, peft_cfg)
+    model.peft_config["default"].tokenizer_name_or_path = cfg.model
+    return model
 
 
 def _follow_schedule(scheduler) -> None:

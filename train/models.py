@@ -93,18 +93,45 @@ def is_seq2seq(model_name: str) -> bool:
     return bool(getattr(model_config(model_name), "is_encoder_decoder", False))
 
 
-def lora_config(cfg: TrainConfig, seq2seq: bool):
-    """The lora_core LoraConfig of a run (TrainError if lora_core refuses a value)."""
-    from lora_core import LoraConfig
+def _names(text: str):
+    return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
 
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
-        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+
+def lora_config(cfg: TrainConfig, seq2seq: bool, total_steps: int | None = None):
+    """The lora_core config of a run: a LoraConfig, or the --method's config (TrainError if
+    lora_core refuses a value). total_steps: AdaLoRA's schedule length (default: --max-steps)."""
+    import lora_core
+
+    task = "SEQ_CLS" if cfg.task == "seq-cls" else "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    targets = _names(cfg.target_modules)
     try:
-        task = "SEQ_CLS" if cfg.task == "seq-cls" else "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
-        return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type=task)
+        if cfg.method == "ia3":
+            return lora_core.IA3Config(target_modules=targets, task_type=task,
+                                       feedforward_modules=_names(cfg.feedforward_modules) or None)
+        if cfg.method == "adalora":
+            total = total_steps or max(cfg.max_steps, cfg.tinit + cfg.tfinal + 1)
+            return lora_core.AdaLoraConfig(
+                init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.deltaT,
+                beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight, total_step=total,
+                lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type=task)
+        if cfg.method == "adaption-prompt":
+            return lora_core.AdaptionPromptConfig(adapter_len=cfg.adapter_len, task_type=task,
+                                                  adapter_layers=cfg.adapter_layers or _num_layers(cfg.model))
+        if cfg.method == "prompt-tuning":
+            text = cfg.prompt_tuning_init == "TEXT"
+            return lora_core.PromptTuningConfig(
+                num_virtual_tokens=cfg.num_virtual_tokens, task_type=task, prompt_tuning_init=cfg.prompt_tuning_init,
+                prompt_tuning_init_text=cfg.prompt_tuning_init_text if text else None,
+                tokenizer_name_or_path=cfg.model if text else None)
+        return lora_core.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                    target_modules=targets, task_type=task)
     except ValueError as e:
-        raise TrainError(str(e).splitlines()[0]) from None
+        raise TrainError(f"--method {cfg.method}: {str(e).splitlines()[0]}") from None
+
+
+def _num_layers(model_name: str) -> int:
+    config = model_config(model_name)
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1))
 
 
 def check_target_modules(cfg: TrainConfig) -> None:
@@ -128,8 +155,19 @@ def check_target_modules(cfg: TrainConfig) -> None:
             skeleton = auto.from_config(config)
     except Exception:  # an architecture that cannot be built from its config alone: the real load
         return          # checks the targets (get_lora_model raises the same message, as TrainError)
+    if cfg.method in ("adaption-prompt", "prompt-tuning"):  # no target layers: the model type and sizes
+        from lora_core.methods import adaption_prompt
+        try:
+            lcfg.prepare_for(skeleton)
+            if cfg.method == "adaption-prompt":
+                adaption_prompt.target_paths(skeleton, lcfg)
+        except ValueError as e:
+            raise TrainError(f"--method {cfg.method}: {str(e).splitlines()[0]}") from None
+        return
     try:
         found = find_targets(skeleton, lcfg)
+        if hasattr(lcfg, "prepare_for"):
+            lcfg.prepare_for(skeleton)  # IA3's feed-forward default for the architecture
     except ValueError as e:
         raise TrainError(f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0]}") from None
     if isinstance(lcfg.target_modules, set):

@@ -132,3 +132,18 @@ def test_task_without_its_head_is_refused():
                                          r".*AutoModelForSequenceClassification"):
         get_lora_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"]))
     assert not any(isinstance(m, (LoraLinear, ModulesToSave)) for m in base.modules())  # untouched
+
+
+def test_other_methods_take_the_task_heads_as_peft():
+    """IA3 with SEQ_CLS: the head trains in full, the counts equal peft's; a prompt method, which
+    here cannot train a head, is refused for a task with one."""
+    import lora_core
+    kwargs = dict(task_type="SEQ_CLS", target_modules=["k_proj", "v_proj", "down_proj"],
+                  feedforward_modules=["down_proj"])
+    ours = get_lora_model(build_task_model("llama", "SEQ_CLS"), lora_core.IA3Config(**kwargs))
+    theirs = peft.get_peft_model(build_task_model("llama", "SEQ_CLS"), peft.IA3Config(**kwargs))
+    assert ours.trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert isinstance(ours.base_model.score, ModulesToSave)
+    with pytest.raises(ValueError, match="task_type='SEQ_CLS' with PROMPT_TUNING.*must train in full"):
+        get_lora_model(build_task_model("llama", "SEQ_CLS"),
+                       lora_core.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))

@@ -118,6 +118,10 @@ class TestBadLabels:
         _expect(fast_cfg(task="seq-cls", text_template="{quote} {label}"), r"names --label-column 'label': the "
                                                                              r"classifier would read its answer")
 
+    def test_prompt_method_refused(self, fast_cfg):
+        _expect(fast_cfg(task="seq-cls", method="prompt-tuning"),
+                r"--task seq-cls with --method prompt-tuning: the new classification head must train in full")
+
     def test_encoder_decoder_refused(self, fast_cfg, tmp_path):
         from tiny_models import save_tiny
         _expect(fast_cfg(task="seq-cls", model=str(save_tiny("t5", tmp_path / "t5"))),
