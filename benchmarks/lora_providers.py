@@ -1,7 +1,7 @@
 """The four LoRA layers the benchmarks time, built on one shared random base weight per shape.
 
     ours-triton  kernels.lora_linear(backend="triton") on a bnb NF4 double-quant weight
-    ours-torch   kernels.lora_linear(backend="torch") (the PyTorch reference) on the same weight
+    ours-torch   kernels.lora_linear(backend="torch") (peft's graph, kernels/torch_ops.py) on the same weight
     peft         peft's LoRA `Linear4bit` wrapping `bitsandbytes.nn.Linear4bit` (nf4, double quant)
     floor        dense bf16 nn.Linear (cuBLAS) + LoRA as two thin F.linear calls, plain PyTorch
 
@@ -43,18 +43,9 @@ def _bnb_linear4bit(W: torch.Tensor, device: torch.device):
 
 def quant4bit_record(base):
     """kernels.Quant4bitWeight viewing a bnb Linear4bit's packed weight and quant state."""
-    from kernels.weights import NestedAbsmax, Quant4bitWeight
+    from kernels import Quant4bitWeight
 
-    qs = base.weight.quant_state
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise RuntimeError("bnb repacked this weight for CPU; rebuild the layer")
-    nest = None
-    if qs.nested:
-        nest = NestedAbsmax(code=qs.state2.code, absmax=qs.state2.absmax,
-                            blocksize=qs.state2.blocksize, offset=float(qs.offset))
-    return Quant4bitWeight(packed=base.weight.data, absmax=qs.absmax, code=qs.code,
-                           blocksize=qs.blocksize, shape=tuple(qs.shape), quant_type=qs.quant_type,
-                           dtype=qs.dtype, nested=nest)
+    return Quant4bitWeight.from_bnb(base.weight.data, base.weight.quant_state)
 
 
 def packed_bytes(rec) -> int:

@@ -257,26 +257,56 @@ def check_grads(pair: Pair, batch: dict, tols) -> tuple[Row, Row]:
 
 def check_trajectory(pair: Pair, batches: list[dict], tol, lr: float = 1e-3) -> Row:
     """N AdamW steps on the same batches on both sides; compares the loss at every step."""
-    losses = {}
-    for side, model in (("ours", pair.ours), ("peft", pair.peft)):
-        model.train()
-        opt = torch.optim.AdamW(lora_params(model), lr=lr, weight_decay=0.01)
-        seq = []
-        for b in batches:
-            opt.zero_grad(set_to_none=True)
-            loss = model(**b).loss
-            loss.backward()
-            opt.step()
-            seq.append(loss.item())
+    losses = {side: _adamw_losses(model, batches, lr) for side, model in (("ours", pair.ours), ("peft", pair.peft))}
+    return _trajectory_row(f"training trajectory ({len(batches)} AdamW steps, loss)", losses, tol, {"lr": lr})
+
+
+def _adamw_losses(model, batches: list[dict], lr: float = 1e-3) -> list[float]:
+    """The loss of each of len(batches) AdamW steps on `model`'s LoRA parameters (train mode)."""
+    model.train()
+    opt = torch.optim.AdamW(lora_params(model), lr=lr, weight_decay=0.01)
+    seq = []
+    for b in batches:
         opt.zero_grad(set_to_none=True)
-        losses[side] = seq
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        seq.append(loss.item())
+    opt.zero_grad(set_to_none=True)
+    return seq
+
+
+def _trajectory_row(name: str, losses: dict, tol, detail: dict) -> Row:
     o, p = torch.tensor(losses["ours"]), torch.tensor(losses["peft"])
     per_step = ((o - p).abs() / p.abs().clamp_min(1e-12)).tolist()
     worst = max(range(len(per_step)), key=per_step.__getitem__)
-    return _row(f"training trajectory ({len(batches)} AdamW steps, loss)",
-                (o - p).abs().max().item(), per_step[worst], tol,
+    return _row(name, (o - p).abs().max().item(), per_step[worst], tol,
                 where=f"step {worst + 1}: ours {o[worst]:.6f} peft {p[worst]:.6f}",
-                detail={"loss_ours": losses["ours"], "loss_peft": losses["peft"], "lr": lr})
+                detail={"loss_ours": losses["ours"], "loss_peft": losses["peft"], **detail})
+
+
+def dropout_trajectory_tolerance(spec: ModelSpec, device: str, tol_traj) -> Optional[tuple[float, str]]:
+    """The dropout-on row's tolerance, or None when the row does not apply: only the torch backend
+    draws peft's masks (the triton kernels draw Philox masks, so their dropout noise differs)."""
+    if not (spec.kernel == "torch" or (spec.kernel == "auto" and device == "cpu")):
+        return None
+    if device == "cpu" and spec.dtype == "float32" and spec.quantization in ("none", "nf4", "fp4"):
+        return (0.0, "lora_dropout on, same torch.manual_seed: ours draws peft's masks (torch's generator, "
+                     "same F.dropout calls in the same order) and runs peft's ops: bit for bit")
+    return (tol_traj[0], tol_traj[1] + "; with lora_dropout on, same seed, the same masks on both sides")
+
+
+def check_dropout_trajectory(pair: Pair, batches: list[dict], tol, p: float = 0.05, seed: int = 1234) -> Row:
+    """The trajectory check with every LoRA dropout at p on both sides, from the same torch.manual_seed."""
+    from .speed import set_lora_dropout
+
+    set_lora_dropout(pair.keymap, p)
+    losses = {}
+    for side, model in (("ours", pair.ours), ("peft", pair.peft)):
+        torch.manual_seed(seed)  # the same generator state: the same masks, drawn in the same order
+        losses[side] = _adamw_losses(model, batches)
+    return _trajectory_row(f"training trajectory, lora_dropout={p} ({len(batches)} AdamW steps, loss)", losses,
+                           tol, {"lora_dropout": p, "seed": seed})
 
 
 def _same_tensors(pair_like: dict) -> tuple[float, str]:
@@ -480,6 +510,11 @@ def run_equivalence(spec: ModelSpec, steps: int = 4, progress: Optional[Callable
     report.rows += [fwd_row, infer_row, grad_row]
     batches = [example_batch(pair.ours.base_model, spec, seed=100 + i) for i in range(steps)]
     report.rows.append(check_trajectory(pair, batches, tols["trajectory"]))
+
+    tol = dropout_trajectory_tolerance(spec, device, tols["trajectory"])
+    if tol is not None:  # on a fresh pair, so both sides start from the same weights
+        say("training trajectory with lora_dropout on")
+        report.rows.append(check_dropout_trajectory(pair_for(), batches, tol))
 
     # 3. adapter files both ways, with the trained (non-trivial) weights
     say("adapter files both ways")

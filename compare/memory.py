@@ -55,9 +55,14 @@ class StepMemory:
 
 
 def _storages(tensors: Iterable) -> dict[int, int]:
-    """{storage data pointer: storage bytes} of the tensors, each storage once (views share one)."""
+    """{storage data pointer: storage bytes} of the tensors, each storage once (views share one);
+    an FSDP shard (DTensor) counts this process's part."""
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for t in tensors:
+        if isinstance(t, DTensor):
+            t = t.to_local()
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             s = t.untyped_storage()
             if s.nbytes() > 0:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels import DenseWeight, Int8Weight, NestedAbsmax, Quant4bitWeight
+from kernels import DenseWeight, Int8Weight, Quant4bitWeight
 from kernels import dequantize as _dequantize
 
 try:  # bitsandbytes is a dependency, but keep dense-only use working without it
@@ -31,6 +31,11 @@ try:
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover
     Conv1D = ()
+
+try:
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover - torch built without distributed
+    DTensor = ()
 
 LINEAR_TYPES = tuple(t for t in (nn.Linear, Conv1D) if isinstance(t, type))
 
@@ -94,19 +99,33 @@ def _int8_scb(layer) -> torch.Tensor:
     return scb
 
 
+def _check_not_sharded(layer) -> None:
+    if isinstance(layer.weight, DTensor):
+        raise RuntimeError(
+            f"the base weight of this {type(layer).__name__} is an FSDP shard (a DTensor), not the whole "
+            f"weight. Fix: call the layer through the FSDP-wrapped model, whose forward gathers the "
+            f"shards first (not a submodule on its own outside that forward).")
+
+
+def _check_storage_dtype(layer) -> None:
+    # The packed bytes may be held as uint8 or viewed as a float dtype (bnb_4bit_quant_storage, for
+    # FSDP). Anything that casts that tensor numerically (FSDP mixed precision with another
+    # param_dtype) changes the bytes; the dtype then differs from the one the layer was built with.
+    want = getattr(layer, "quant_storage", None)
+    if want is not None and layer.weight.dtype != want:
+        raise RuntimeError(
+            f"the packed 4-bit weight is {layer.weight.dtype} but the layer stores it as {want}: something "
+            f"cast the packed bytes numerically (FSDP mixed precision with a param_dtype other than the "
+            f"quant storage dtype?). Fix: set bnb_4bit_quant_storage to the mixed-precision dtype.")
+
+
 def base_weight(layer: nn.Module):
     """A `kernels` record describing W [N=out, K=in] of `layer`, made of views of its storage."""
+    _check_not_sharded(layer)
     if _is_4bit(layer):
         _check_not_cpu_packed(layer)
-        qs = _quant_state(layer)
-        nested = None
-        if qs.nested:
-            s2 = qs.state2
-            nested = NestedAbsmax(code=s2.code, absmax=s2.absmax, blocksize=s2.blocksize,
-                                  offset=float(qs.offset))
-        return Quant4bitWeight(packed=layer.weight.data, absmax=qs.absmax, code=qs.code,
-                               blocksize=qs.blocksize, shape=tuple(qs.shape), quant_type=qs.quant_type,
-                               dtype=qs.dtype, nested=nested)
+        _check_storage_dtype(layer)
+        return Quant4bitWeight.from_bnb(layer.weight.data, _quant_state(layer))
     if _is_int8(layer):
         return Int8Weight(CB=layer.weight.data, SCB=_int8_scb(layer))
     if isinstance(Conv1D, type) and isinstance(layer, Conv1D):
@@ -134,6 +153,8 @@ def base_weight_key(layer: nn.Module) -> tuple:
     the record and the layer) so their ids cannot be reused.
     """
     w = layer.weight
+    if isinstance(w, DTensor):
+        return (id(w), None)  # an FSDP shard: base_weight raises with the fix
     if _is_4bit(layer):
         qs = quant_state_or_none(layer)
         if qs is None:

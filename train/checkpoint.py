@@ -6,6 +6,9 @@ adapter_state.safetensors (the trainable parameters only; the frozen base is reb
 and trainer_state.json (step, epoch, log history, the before-training eval, the run's config and
 number of processes). A resume checks all of it first (`check_checkpoint`): a damaged or partial
 checkpoint, or settings that define the training differently, stop the run before it starts.
+
+Under FSDP the same files hold the same formats: the sharded LoRA weights and optimizer state
+are gathered to whole tensors first (`train.fsdp`) rather than written per process.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import outputs
+from . import fsdp, outputs
 from .config import TrainConfig, resume_mismatches
 from .errors import TrainError
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
 ADAPTER_STATE = "adapter_state.safetensors"
+OPTIMIZER_STATE = "optimizer.bin"  # Accelerate's name (accelerate.utils.OPTIMIZER_NAME + ".bin")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -65,28 +69,12 @@ def register_hooks(accelerator) -> None:
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
-            trainable = {n: p.detach().cpu().contiguous()
-                         for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-            if accelerator.is_main_process:
-                path = Path(output_dir) / _name(i)
-                save_file(trainable, str(path), metadata={"format": "pt"})
-                os.chmod(path, 0o644)  # safetensors creates 0600; match the files Accelerate writes
+            _save_trainable(accelerator, model, Path(output_dir) / _name(i))
         weights.clear()  # nothing left for Accelerate to save as model weights
 
     def load_hook(models, input_dir):
         for i, model in enumerate(models):
-            state = load_file(str(Path(input_dir) / _name(i)))
-            params = dict(accelerator.unwrap_model(model).named_parameters())
-            missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-            unexpected = [n for n in state if n not in params]
-            if missing or unexpected:
-                raise TrainError(f"checkpoint {input_dir} does not fit this model ({len(missing)} trainable "
-                                 f"parameter(s) missing from it, e.g. {missing[:2]}; {len(unexpected)} "
-                                 f"unknown to this model, e.g. {unexpected[:2]}); resume with the same "
-                                 f"--model and LoRA flags")
-            with torch.no_grad():
-                for n, t in state.items():
-                    params[n].copy_(t)
+            _load_trainable(accelerator, model, Path(input_dir) / _name(i))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -95,6 +83,53 @@ def register_hooks(accelerator) -> None:
 
 def _name(i: int) -> str:
     return ADAPTER_STATE if i == 0 else ADAPTER_STATE.replace(".safetensors", f"_{i}.safetensors")
+
+
+def _save_trainable(accelerator, model, path: Path) -> None:
+    """Every process calls this (under FSDP the gather is a collective); the main one writes."""
+    trainable = {n: fsdp.full_tensor(p.detach()).cpu().contiguous()
+                 for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    if accelerator.is_main_process:
+        save_file(trainable, str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o644)  # safetensors creates 0600; match the files Accelerate writes
+
+
+def _load_trainable(accelerator, model, path: Path) -> None:
+    state = load_file(str(path))
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unexpected = [n for n in state if n not in params]
+    if missing or unexpected:
+        raise TrainError(f"checkpoint {path.parent} does not fit this model ({len(missing)} trainable "
+                         f"parameter(s) missing from it, e.g. {missing[:2]}; {len(unexpected)} "
+                         f"unknown to this model, e.g. {unexpected[:2]}); resume with the same "
+                         f"--model and LoRA flags")
+    for n, t in state.items():
+        fsdp.copy_full_into(params[n], t)  # a sharded parameter takes its own shard
+
+
+def _save_state(accelerator, output_dir: Path) -> None:
+    if not fsdp.is_sharded(accelerator):
+        accelerator.save_state(str(output_dir))
+        return
+    # Accelerate's save_state would also write the whole sharded base model: write the same files
+    # as above instead, from gathered tensors.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _save_trainable(accelerator, accelerator._models[0], output_dir / ADAPTER_STATE)
+    optimizer_state = fsdp.full_optimizer_state(accelerator._optimizers[0])
+    if accelerator.is_main_process:
+        torch.save(optimizer_state, output_dir / OPTIMIZER_STATE)
+    fsdp.save_rest(accelerator, output_dir)
+
+
+def _load_state(accelerator, input_dir: Path) -> None:
+    if not fsdp.is_sharded(accelerator):
+        accelerator.load_state(str(input_dir))
+        return
+    _load_trainable(accelerator, accelerator._models[0], input_dir / ADAPTER_STATE)
+    optimizer_state = torch.load(input_dir / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    fsdp.load_full_optimizer_state(accelerator._optimizers[0], optimizer_state)
+    fsdp.load_rest(accelerator, input_dir)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: int) -> Path:
@@ -109,7 +144,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # leftover of an interrupted save
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    _save_state(accelerator, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE).write_text(json.dumps(state))
@@ -163,7 +198,7 @@ def check_checkpoint(path: Path, cfg: TrainConfig, world: int) -> dict:
     if 0 < cfg.max_steps < state["step"]:
         raise TrainError(f"--max-steps {cfg.max_steps} ends before the checkpoint's step {state['step']}; "
                          f"pass --max-steps >= {state['step']}")
-    files = [ADAPTER_STATE, "optimizer.bin", "scheduler.bin"] + [f"random_states_{i}.pkl" for i in range(world)]
+    files = [ADAPTER_STATE, OPTIMIZER_STATE, "scheduler.bin"] + [f"random_states_{i}.pkl" for i in range(world)]
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise damaged(f"{', '.join(missing)} missing")
@@ -188,5 +223,5 @@ def _first_line(e: Exception) -> str:
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model (trainable part), optimizer, scheduler and RNG states; return trainer_state."""
-    accelerator.load_state(str(path))
+    _load_state(accelerator, path)
     return json.loads((path / STATE).read_text())

@@ -81,6 +81,11 @@ class TrainConfig:
     quantization: str = _f("none", "load the base through bitsandbytes: nf4 (double quant, bf16 "
                            "compute), fp4, int8 or none", ("none", "nf4", "fp4", "int8"))
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    bnb_4bit_quant_storage: str = _f("uint8", "dtype the packed 4-bit weights are stored in (transformers' "
+                                     "name); --fsdp shards them only when it is a float dtype: use "
+                                     "bfloat16, the compute dtype", ("uint8", "bfloat16", "float16", "float32"))
+    fsdp: bool = _f(False, "shard the frozen base and the LoRA weights over the processes with FSDP2 "
+                    "(through Accelerate); launch >= 2 processes with torchrun or accelerate launch")
     task: str = _f("lm", "lm: language modelling (causal, or seq2seq for an encoder-decoder --model); "
                    "seq-cls: sequence classification (the text is --text-template up to "
                    "--completion-separator, the class is --label-column; accuracy in the eval)",
@@ -183,6 +188,7 @@ RESUME_MAY_CHANGE = frozenset({
     "per_device_eval_batch_size", "tag_eval_samples", "num_sample_generations", "max_new_tokens",  # eval
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "merge", "report_to",  # outputs
     "cpu_threads", "kernel", "gradient_checkpointing",                    # speed/memory, same math
+    "fsdp", "bnb_4bit_quant_storage",                # sharding, the packed bytes' dtype: same math
 })
 
 

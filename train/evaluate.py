@@ -67,8 +67,12 @@ def eval_loss(model, eval_dl, accelerator, seq2seq: bool) -> dict:
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                         seq2seq: bool, batch_size: int = 32) -> list[str]:
-    """Greedy completions of `prompts` (left-padded batches), cut at eos and at the first newline."""
+                         seq2seq: bool, batch_size: int = 32, synced_gpus: bool = False) -> list[str]:
+    """Greedy completions of `prompts` (left-padded batches), cut at eos and at the first newline.
+
+    synced_gpus: every process runs this together (FSDP: each forward gathers weight shards from all
+    of them), so all keep running forwards until the last one has finished its sequences.
+    """
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -79,7 +83,8 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced_gpus)
             new = gen if seq2seq else gen[:, enc["input_ids"].shape[1]:]
             outs += [t.split("\n")[0] for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:

@@ -11,6 +11,7 @@ before anything of it is written; every folder is built aside and swapped in (tr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import data as D
+from . import fsdp
 from . import outputs
 from .config import BUILTIN_MODEL, TrainConfig, check_config
 from .errors import TrainDiverged, TrainError, TrainFailed, TrainInterrupted
@@ -94,6 +96,7 @@ def preflight(cfg: TrainConfig) -> Path | None:
         problem = _triton_precision_problem(cfg)
         if problem:
             raise TrainError(problem)
+    fsdp.check(cfg)
     if cfg.report_to == "tensorboard" and not _tensorboard_installed():
         raise TrainError("--report-to tensorboard needs the tensorboard package; install it or use "
                          "--report-to auto")
@@ -171,12 +174,16 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     # micro-batches (the sampler trims each epoch), and the loop fetches a window before running it,
     # which would otherwise make Accelerate see "end of data" one window early.
     # step_scheduler_with_optimizer=False: Accelerate would step the schedule once per process.
+    fsdp_plugin = fsdp.build_plugin(cfg)  # None unless --fsdp or an Accelerate config enables FSDP
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
         log_with="tensorboard" if use_tb else None, project_dir=str(out),
         # torchrun on a machine without GPUs: Accelerate picks gloo (MULTI_CPU) only when told cpu.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        fsdp_plugin=fsdp_plugin)
+    fsdp.enable_on_cpu(accelerator, fsdp_plugin)
+    sharded = fsdp.is_sharded(accelerator)
     main = accelerator.is_main_process
     world = accelerator.num_processes
 
@@ -242,8 +249,10 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     # 4. Model: frozen base (maybe quantized) -> kbit preparation -> LoRA layers.
     from lora_core import prepare_model_for_kbit_training
 
-    base = load_base_model(cfg.model, cfg.quantization, cfg.seed, accelerator.device,
-                           num_labels=len(classes) if classify else None)
+    # Under FSDP a quantized base is loaded on the CPU and FSDP moves each process's shards to its
+    # device (the whole quantized model need not fit one GPU); unquantized bases load on the CPU anyway.
+    base = load_base_model(cfg.model, cfg.quantization, cfg.seed, "cpu" if sharded else accelerator.device,
+                           cfg.bnb_4bit_quant_storage, num_labels=len(classes) if classify else None)
     if classify:  # the head reads the last real token: it needs the pad id; the classes keep their names
         base.config.pad_token_id = tokenizer.pad_token_id
         base.config.id2label = {i: str(v) for v, i in classes.items()}
@@ -271,9 +280,13 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     scheduler = transformers.get_scheduler(cfg.lr_scheduler_type, optimizer,
                                            num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
-    # 6. One prepare: DDP wrapping, device placement, per-process data sharding, autocast.
+    # 6. One prepare: DDP wrapping (or FSDP2 sharding), device placement, per-process data sharding,
+    # autocast (FSDP: its mixed-precision policy instead).
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, scheduler)
+    if sharded and main:
+        print(fsdp.describe(model, world))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them by sharded ones
     ckpt.register_hooks(accelerator)  # checkpoints hold the LoRA weights, not the frozen base
     # fp16's GradScaler skips a step whose gradients overflowed and lowers its scale: an inf
     # gradient norm is routine there, so only the loss and the weights are guarded.
@@ -367,7 +380,9 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
                         lora.update_and_allocate(step + 1)
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    if not _all_finite(trainable):
+                    finite = fsdp.all_finite(accelerator, trainable, _all_finite) if sharded else \
+                        _all_finite(trainable)
+                    if not finite:
                         raise TrainDiverged(step, "the optimizer step made LoRA weights non-finite (is "
                                             "--learning-rate too high?)", last_ckpt)
                     loss_since += loss
@@ -404,16 +419,19 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
             record({"step": step, **after})
             samples = []
             k = min(cfg.num_sample_generations, len(prompts))
-            if main and k:
+            if (main or sharded) and k:  # under FSDP every process takes part in each forward
                 gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts[:k],
-                                           cfg.max_new_tokens, seq2seq)
+                                           cfg.max_new_tokens, seq2seq, synced_gpus=sharded)
                 samples = [{"prompt": p, "generated": g, "reference": r}
-                           for p, g, r in zip(prompts[:k], gen, refs[:k])]
+                           for p, g, r in zip(prompts[:k], gen, refs[:k])] if main else []
             accelerator.wait_for_everyone()
             failure = None
-            if main:
-                failure = _write_outputs(cfg, accelerator.unwrap_model(model), tokenizer, out, log, step,
-                                         last_ckpt, replacing)
+            # Under FSDP the LoRA weights are gathered whole on every process (a collective) for the
+            # main process to write them; nothing else runs a forward meanwhile.
+            with fsdp.whole_trainable(model) if sharded else contextlib.nullcontext():
+                if main:
+                    failure = _write_outputs(cfg, accelerator.unwrap_model(model), tokenizer, out, log, step,
+                                             last_ckpt, replacing)
             _raise_if_any(accelerator, failure)  # every process stops when the main one could not write
         except KeyboardInterrupt:
             raise TrainInterrupted(step, last_ckpt) from None
@@ -535,14 +553,17 @@ def _check_fits(n: int, global_batch: int, cfg: TrainConfig, world: int, what: s
 
 
 def _tag_score(accelerator, model, tokenizer, prompts, refs, cfg, seq2seq) -> float | None:
-    """Exact match of greedy completions on the first eval prompts (main process; others wait)."""
+    """Exact match of greedy completions on the first eval prompts (main process; others wait, or
+    under FSDP generate the same completions with it: each forward gathers shards from all)."""
     if not prompts:
         return None
     score = torch.zeros((), device=accelerator.device)
-    if accelerator.is_main_process:
+    sharded = fsdp.is_sharded(accelerator)
+    if accelerator.is_main_process or sharded:
         gen = generate_completions(accelerator.unwrap_model(model), tokenizer, prompts,
-                                   cfg.max_new_tokens, seq2seq)
-        score += exact_match(gen, refs)
+                                   cfg.max_new_tokens, seq2seq, synced_gpus=sharded)
+        if accelerator.is_main_process:
+            score += exact_match(gen, refs)
     return accelerator.reduce(score, reduction="sum").item()  # share the main process's number
 
 

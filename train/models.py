@@ -57,7 +57,13 @@ def save_builtin(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(builtin_config())
-    model.save_pretrained(path)
+    # Not model.save_pretrained: once torch.distributed is initialized, transformers 5 writes the
+    # weights on rank 0 only, and each process of a multi-process run saves its own copy here.
+    from safetensors.torch import save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    save_model(model, str(path / "model.safetensors"), metadata={"format": "pt"})
     build_char_tokenizer().save_pretrained(path)
     return path
 
@@ -195,15 +201,19 @@ def bitsandbytes_problem(quantization: str) -> str | None:
     return None
 
 
-def quantization_config(quantization: str) -> transformers.BitsAndBytesConfig | None:
-    """The recipes' BitsAndBytesConfig: nf4 + double quant + bf16 compute; fp4 plain; int8."""
+def quantization_config(quantization: str, quant_storage: str = "uint8") -> transformers.BitsAndBytesConfig | None:
+    """The recipes' BitsAndBytesConfig: nf4 + double quant + bf16 compute; fp4 plain; int8.
+
+    quant_storage: dtype name of the tensor holding the packed 4-bit bytes (the same bytes, viewed
+    as uint8 or as a float dtype; FSDP shards only float parameters).
+    """
     if quantization == "none":
         return None
     if quantization in ("nf4", "fp4"):
         return transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=(quantization == "nf4"),
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=getattr(torch, quant_storage))
     if quantization == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     raise TrainError(f"unknown --quantization {quantization!r}; use none, nf4, fp4 or int8")
@@ -228,7 +238,8 @@ def load_tokenizer(model_name: str):
 
 
 def load_base_model(model_name: str, quantization: str, seed: int,
-                    device: torch.device | str = "cpu", num_labels: int | None = None):
+                    device: torch.device | str = "cpu", quant_storage: str = "uint8",
+                    num_labels: int | None = None):
     """The frozen base: bundled tiny Llama (built at `seed`) or `from_pretrained`, maybe quantized.
     With num_labels: the model's sequence-classification form (a new head of num_labels classes,
     drawn from the seed; the head is what --task seq-cls trains in full).
@@ -236,7 +247,7 @@ def load_base_model(model_name: str, quantization: str, seed: int,
     A bundled model that must be quantized is first saved to a temp dir, since bitsandbytes
     quantizes in `from_pretrained`.
     """
-    qcfg = quantization_config(quantization)
+    qcfg = quantization_config(quantization, quant_storage)
     if model_name == BUILTIN_MODEL:
         if qcfg is None:
             torch.manual_seed(seed)

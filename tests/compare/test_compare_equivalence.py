@@ -24,7 +24,7 @@ def test_equivalence_passes_on_tiny_default(quantization):
     report = run_equivalence(ModelSpec(model="tiny", quantization=quantization, seq=8), steps=3)
     text = report.format()
     assert report.ok, text
-    for prefix in EXPECTED:
+    for prefix in EXPECTED + ["training trajectory, lora_dropout"]:  # torch backend: peft's dropout masks
         assert report.row(prefix).ok, text
     # The LoRA weights were non-zero, so the comparison compared something: B != 0 moves the logits.
     assert report.info["lora_layers"] > 0

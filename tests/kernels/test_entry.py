@@ -1,27 +1,26 @@
-"""kernels.lora_linear: backend selection, the once-only fallback warning, and every bad-input error."""
+"""kernels.lora_linear: the one validation, the backend choice (and its reasons), the once-only
+fallback warning, and every bad-input error."""
 from __future__ import annotations
 
-import sys
-import types
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
 import kernels
-from kernels import dispatch, reference
-from kernels.weights import DenseWeight, Int8Weight, NestedAbsmax, Quant4bitWeight
-
-from test_reference import quantize_4bit, quantize_int8
+from builders import quantize_4bit, quantize_int8
+from kernels import backends, reference
+from kernels.formats import DenseWeight, Int8Weight
 
 M, K, N, R = 3, 64, 32, 4
 
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
-    dispatch.reset_warnings()
+    backends.reset_warnings()
     yield
-    dispatch.reset_warnings()
+    backends.reset_warnings()
 
 
 @pytest.fixture
@@ -40,30 +39,36 @@ def call():
 
 @pytest.fixture
 def fake_triton(monkeypatch):
-    """A stand-in Triton op module (the reference, counting calls) registered for DenseWeight, so the
-    dispatch and the autograd wiring are tested without the real kernels."""
-    mod = types.ModuleType("kernels._fake_triton_ops")
-    mod.calls = []
+    """The triton backend with a stand-in launch module (the spec, counting calls), so the choice and
+    the autograd wiring (LoraFunction) are tested without the real kernels."""
 
-    def lora_forward(*a, **k):
-        mod.calls.append("forward")
-        return reference.lora_forward(*a, **k)
+    class FakeLaunch:
+        calls: list = []
 
-    def lora_backward(*a, **k):
-        mod.calls.append("backward")
-        return reference.lora_backward(*a, **k)
+        @staticmethod
+        def reason(call):
+            return "fp32 activations not supported (fake)" if call.x.dtype == torch.float32 else None
 
-    mod.lora_forward, mod.lora_backward = lora_forward, lora_backward
-    mod.unsupported_reason = lambda x, *rest: "fp32 activations not supported (fake)" if x.dtype == torch.float32 else None
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setitem(dispatch.TRITON_MODULES, DenseWeight, "_fake_triton_ops")
-    monkeypatch.setattr(dispatch, "_modules", {})
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return mod
+        @staticmethod
+        def forward(call, seed):
+            FakeLaunch.calls.append("forward")
+            x = call.x.reshape(-1, call.K)
+            y, u = reference.lora_forward(x, call.weight, call.bias, call.A, call.B, call.scaling)
+            return y.view(*call.x.shape[:-1], call.N), u
+
+        @staticmethod
+        def backward(g, x, u, weight, A, B, scaling, dropout_p, seed, needs_dx):
+            FakeLaunch.calls.append("backward")
+            dx, dA, dB = reference.lora_backward(g.reshape(-1, N), x.reshape(-1, K), u, weight, A, B, scaling)
+            return dx.view(x.shape), dA, dB
+
+    monkeypatch.setattr(backends.TritonBackend, "_launch", FakeLaunch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors are the interpreter's
+    return FakeLaunch
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend selection
+# Backend choice
 # ---------------------------------------------------------------------------------------------
 
 def test_output_shape_and_torch_backend_matches_reference(call):
@@ -75,53 +80,73 @@ def test_output_shape_and_torch_backend_matches_reference(call):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
-def test_auto_falls_back_on_cpu_and_warns_once(call):
-    with pytest.warns(RuntimeWarning, match="no CUDA device"):
-        y = call()
-    assert torch.equal(y, call(backend="torch"))
+def test_auto_falls_back_on_cpu_and_says_so_once(call, capsys):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a second warning for the same reason would raise here
+        warnings.simplefilter("error")  # a plain stderr line, not a warning with a source line
+        y = call()
+        assert torch.equal(y, call(backend="torch"))
         call()
         call(x=torch.randn(5, K))
+    assert capsys.readouterr().err == "kernels: backend 'auto' uses torch (no CUDA device)\n"
 
 
-def test_auto_warns_once_per_reason(monkeypatch, call):
+def test_auto_says_once_per_reason(monkeypatch, call, capsys):
     reasons = iter(["reason one", "reason two", "reason one"])
-    monkeypatch.setattr(dispatch, "_auto_reason", lambda *a: next(reasons))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            call()
-    assert [str(w.message).split(": ", 1)[1] for w in caught] == ["reason one.", "reason two."]
+    monkeypatch.setattr(backends, "auto_reason", lambda c: next(reasons))
+    for _ in range(3):
+        call()
+    assert capsys.readouterr().err.splitlines() == ["kernels: backend 'auto' uses torch (reason one)",
+                                                    "kernels: backend 'auto' uses torch (reason two)"]
 
 
-def test_fused_backend_dispatches_forward_and_backward(fake_triton, call):
-    x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
+def test_triton_backend_runs_forward_and_backward_through_the_function(fake_triton, call):
+    x = torch.randn(2, M, K, dtype=torch.float64, requires_grad=True)
     a = call.args
     A, B = a["lora_A"].double().requires_grad_(), a["lora_B"].double()
-    fake_triton.unsupported_reason = lambda *r: None
-    y = kernels.lora_linear(x, DenseWeight(a["weight"].weight.double()), None, A, B, 0.5, backend="triton")
-    y.sum().backward()
-    assert fake_triton.calls == ["forward", "backward"]
-    assert x.grad is not None and A.grad is not None
+    bias = a["bias"].double().requires_grad_()
+    y = kernels.lora_linear(x, DenseWeight(a["weight"].weight.double()), bias, A, B, 0.5, backend="triton")
+    g = torch.randn(2, M, N, dtype=torch.float64)
+    y.backward(g)
+    assert fake_triton.calls == ["forward", "backward"] and type(y.grad_fn).__name__ == "LoraFunctionBackward"
+    x2, A2, b2 = (t.detach().clone().requires_grad_() for t in (x, A, bias))
+    reference.lora_forward(x2.reshape(-1, K), DenseWeight(a["weight"].weight.double()), b2, A2, B, 0.5)[0] \
+        .backward(g.reshape(-1, N))
+    for got, want in ((x.grad, x2.grad), (A.grad, A2.grad), (bias.grad, b2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_backend_refuses_unsupported_call_with_the_ops_reason(fake_triton, call):
-    with pytest.raises(ValueError, match="fp32 activations not supported .*backend='auto'"):
+def test_triton_refuses_a_call_it_cannot_run_with_the_reason(fake_triton, call):
+    with pytest.raises(ValueError, match=r"cannot run this call: fp32 activations not supported \(fake\).*'auto'"):
         call(backend="triton")
+    assert fake_triton.calls == []
+
+
+def test_trainable_dense_base_is_refused_by_triton_with_its_reason(fake_triton, call):
+    """The fused backward computes no weight gradient: backend='triton' on a dense base that
+    requires grad says so (it used to run the reference quietly), and that is auto's reason too."""
+    W = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(M, K, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dense base weight requires grad"):
+        kernels.lora_linear(x, DenseWeight(W), None, None, None, 1.0, backend="triton")
+    y = kernels.lora_linear(x, DenseWeight(W), None, None, None, 1.0, backend="torch")
+    y.sum().backward()
+    assert W.grad is not None and fake_triton.calls == []
+    with torch.no_grad():  # inference needs no weight gradient: the fused kernels may run
+        kernels.lora_linear(x, DenseWeight(W), None, None, None, 1.0, backend="triton")
+    assert fake_triton.calls == ["forward"]
 
 
 def test_cpu_without_interpreter_says_how_to_enable_it(monkeypatch, call):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        call(backend="triton")
+    with pytest.raises(ValueError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
+        call(backend="triton", x=torch.randn(M, K, dtype=torch.bfloat16),
+             weight=DenseWeight(torch.randn(N, K, dtype=torch.bfloat16)))
 
 
-def test_missing_op_file_is_named(monkeypatch, call):
-    monkeypatch.setitem(dispatch.TRITON_MODULES, DenseWeight, "lora_not_written_yet")
-    monkeypatch.setattr(dispatch, "_modules", {})
+def test_triton_not_importable_is_named(monkeypatch, call):
+    monkeypatch.setattr(backends.TritonBackend, "_launch", "the Triton kernels cannot be imported (test)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(NotImplementedError, match=r"kernels/lora_not_written_yet\.py"):
+    with pytest.raises(ValueError, match=r"cannot be imported \(test\)"):
         call(backend="triton")
 
 
@@ -133,11 +158,11 @@ def test_unknown_backend_lists_valid_ones(call):
 def test_dropout_only_in_training_and_reproducible(call):
     eval_y = call(dropout_p=0.5, training=False, backend="torch")
     assert torch.equal(eval_y, call(backend="torch"))  # no dropout outside training
-    a = call(dropout_p=0.5, training=True, backend="torch", seed=3)
+    a = call(dropout_p=0.5, training=True, backend="torch", seed=3)  # explicit seed: the Philox mask
     assert torch.equal(a, call(dropout_p=0.5, training=True, backend="torch", seed=3))
     assert not torch.equal(a, call(dropout_p=0.5, training=True, backend="torch", seed=4))
     torch.manual_seed(7)
-    b = call(dropout_p=0.5, training=True, backend="torch")  # seed drawn from torch's generator
+    b = call(dropout_p=0.5, training=True, backend="torch")  # seed=None: torch's generator
     torch.manual_seed(7)
     assert torch.equal(b, call(dropout_p=0.5, training=True, backend="torch"))
 
@@ -188,33 +213,25 @@ def _nf4(nested=True):
     return quantize_4bit(torch.randn(N, K), "nf4", nested)[0]
 
 
+def _replace(record, **fields):
+    return dataclasses.replace(record, **fields)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: _replace(_nf4(), quant_type="int4"), "'nf4' and 'fp4'"),
     (lambda: _replace(_nf4(False), absmax=torch.ones(3)), "absmax must be contiguous with 32 entries"),
     (lambda: _replace(_nf4(False), absmax=_nf4(False).absmax.half()), "plain absmax must be fp32"),
     (lambda: _replace(_nf4(True), nested=None), "uint8 absmax means double quantization"),
-    (lambda: _replace(_nf4(True), nested=_replace(_nf4(True).nested, code=torch.ones(16))), "need 256"),
+    (lambda: _replace(_nf4(True), nested=_replace(_nf4(True).nested, code=torch.ones(16))), "need fp32, 256"),
     (lambda: _replace(_nf4(), packed=_nf4().packed[:-1]), "needs 1024"),
     (lambda: _replace(_nf4(), packed=torch.zeros(2, 1024, dtype=torch.uint8)[:, 0]), "contiguous"),
     (lambda: _replace(_nf4(), code=torch.ones(4)), "16-entry"),
     (lambda: Int8Weight(CB=torch.zeros(N, K, dtype=torch.int16), SCB=torch.ones(N)), "CB must be int8"),
-    (lambda: Int8Weight(CB=torch.zeros(N, K, dtype=torch.int8), SCB=torch.ones(N - 1)), r"SCB must be a float \[N=32\]"),
+    (lambda: Int8Weight(CB=torch.zeros(N, K, dtype=torch.int8), SCB=torch.ones(N - 1)), r"SCB must be a float32 \[N=32\]"),
 ])
 def test_inconsistent_weight_records(call, make, match):
     with pytest.raises(ValueError, match=match):
         call(weight=make(), backend="torch")
-
-
-def _replace(record, **fields):
-    import dataclasses
-    return dataclasses.replace(record, **fields)
-
-
-def test_fused_backend_requires_contiguous_lora_weights(fake_triton, call):
-    fake_triton.unsupported_reason = lambda *r: None
-    A = torch.randn(K, R).T  # [R, K] but column-major
-    with pytest.raises(ValueError, match="must be contiguous"):
-        call(lora_A=A, backend="triton")
 
 
 def test_nothing_is_modified_by_a_rejected_call(call):
@@ -232,27 +249,3 @@ def test_bnb_cpu_repacked_layout_is_named(call):
     repacked = _replace(w, absmax=w.absmax.to(torch.bfloat16).view(N, -1))
     with pytest.raises(ValueError, match="packing_format_for_cpu"):
         call(weight=repacked, backend="torch")
-
-
-def test_torch_backend_graph_choice():
-    """Dense base without dropout: plain autograd (a C++ backward, peft's own graph, no Python
-    Function per call; it saves only references to W, A, B, x and u). Quantized bases and dropout
-    keep the Function (autograd would save the dequantized W or the mask). Same results either way."""
-    x = torch.randn(M, K, requires_grad=True)
-    A, B = torch.randn(R, K, requires_grad=True), torch.randn(N, R, requires_grad=True)
-
-    def fn_name(weight, p):
-        y = kernels.lora_linear(x, weight, None, A, B, 2.0, p, training=True, backend="torch", seed=3)
-        return type(y.grad_fn).__name__
-
-    W = torch.randn(N, K)
-    assert "LoraLinearFunction" not in fn_name(DenseWeight(W), 0.0)
-    assert "LoraLinearFunction" in fn_name(DenseWeight(W), 0.2)
-    assert "LoraLinearFunction" in fn_name(quantize_4bit(W, "nf4", nested=True)[0], 0.0)
-    # both graphs give the same gradients, bit for bit (s = 2: the scale commutes exactly)
-    g = torch.randn(M, N)
-    y_plain = kernels.lora_linear(x, DenseWeight(W), None, A, B, 2.0, backend="torch")
-    y_fn = kernels.LoraLinearFunction.apply(x, A, B, None, DenseWeight(W), 2.0, 0.0, None, reference)
-    assert torch.equal(y_plain, y_fn)
-    for a, b in zip(torch.autograd.grad(y_plain, (x, A, B), g), torch.autograd.grad(y_fn, (x, A, B), g)):
-        assert torch.equal(a, b)

@@ -1,4 +1,4 @@
-"""kernels.reference: the spec every Triton op is checked against.
+"""kernels.reference: the spec every backend is checked against.
 
 - dequantize equals bitsandbytes' own dequantization bit for bit (the ground truth for storage);
 - the Philox dropout mask equals Triton's tl.rand bit for bit (run here through the interpreter);
@@ -13,25 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from builders import quantize_4bit, quantize_int8
 from kernels import reference
-from kernels.weights import DenseWeight, Int8Weight, NestedAbsmax, Quant4bitWeight
-
-
-def quantize_4bit(W: torch.Tensor, quant_type: str, nested: bool) -> tuple[Quant4bitWeight, object]:
-    """A Quant4bitWeight from bitsandbytes' own quantizer (CPU), and bnb's QuantState."""
-    packed, st = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=nested, quant_type=quant_type)
-    nest = None
-    if st.nested:
-        nest = NestedAbsmax(code=st.state2.code, absmax=st.state2.absmax, blocksize=st.state2.blocksize,
-                            offset=float(st.offset))
-    w = Quant4bitWeight(packed=packed, absmax=st.absmax, code=st.code, blocksize=st.blocksize,
-                        shape=tuple(st.shape), quant_type=quant_type, dtype=st.dtype, nested=nest)
-    return w, (packed, st)
-
-
-def quantize_int8(W: torch.Tensor) -> Int8Weight:
-    CB, SCB, _ = bnbF.int8_vectorwise_quant(W.to(torch.float16))
-    return Int8Weight(CB=CB, SCB=SCB)
+from kernels.formats import DenseWeight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,15 +144,16 @@ def test_apply_dropout_scales_kept_and_zeroes_dropped():
     x = torch.randn(6, 40)
     p = 0.25
     keep = reference.dropout_mask(5, 6, 40, p)
-    xd = reference.apply_dropout(x, 5, p)
+    xd = reference.apply_dropout(x, keep, p)
     assert torch.equal(xd[keep], x[keep] * (1 / (1 - p)))
     assert (xd[~keep] == 0).all() and (~keep).any()
-    assert reference.apply_dropout(x, 5, 0.0) is x
+    assert reference.apply_dropout(x, None, p) is x
 
 
 def test_philox_rejects_bad_seed():
     with pytest.raises(ValueError, match="seed"):
         reference.dropout_mask(-1, 2, 2, 0.5)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,114 +226,5 @@ def test_base_only_forward_and_backward():
     W = reference.dequantize(weight, torch.float32)
     assert u is None and torch.equal(y, F.linear(x, W))
     g = torch.randn(3, 40)
-    assert torch.equal(reference.base_backward(g, x, weight), g @ W)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fast paths: the same bits as the spec above, by other means
-# ---------------------------------------------------------------------------------------------
-
-def test_spec_dequantize_never_calls_bitsandbytes(monkeypatch):
-    """`dequantize` is the pure-PyTorch spec: the bnb comparisons above test it, not bnb against
-    itself (the torch backend's `dequantize_fast` is the one that calls bitsandbytes)."""
-    weight, _ = quantize_4bit(torch.randn(16, 64), "nf4", nested=True)
-
-    def boom(*a, **k):
-        raise AssertionError("bitsandbytes called by the spec")
-
-    monkeypatch.setattr(bnbF, "dequantize_4bit", boom)
-    monkeypatch.setattr(bnbF, "dequantize_blockwise", boom)
-    assert reference.dequantize(weight).shape == (16, 64)
-    with pytest.raises(AssertionError, match="spec"):  # while the fast path does go through bnb
-        reference.dequantize_fast(weight)
-
-
-# (3, 96) and (7, 9): blocks of 64 straddle rows, which bnb 0.50's CPU kernel gets wrong (it
-# scales per row-block; see the test below), so the fast path must decline them.
-@pytest.mark.parametrize("shape", [(64, 128), (37, 320), (3, 96), (7, 9)])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("nested", [False, True], ids=["absmax_fp32", "nested"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dequantize_fast_equals_spec(shape, quant_type, nested, dtype):
-    weight, _ = quantize_4bit(torch.randn(*shape, dtype=dtype), quant_type, nested)
-    fast = reference.dequantize_fast(weight)
-    took_bnb = "_bnb_args" in weight.__dict__
-    assert took_bnb == (shape[1] % weight.blocksize == 0), "fast path taken/declined wrongly"
-    spec = reference.dequantize(weight)
-    assert fast.dtype == spec.dtype == dtype and torch.equal(fast, spec)
-    for out_dtype in (torch.float32, torch.float64):  # through weight.dtype first, like the spec
-        assert torch.equal(reference.dequantize_fast(weight, out_dtype), reference.dequantize(weight, out_dtype))
-
-
-def test_bnb_cpu_kernel_is_wrong_for_blocks_straddling_rows():
-    """Why dequantize_fast declines K % blocksize != 0: there bnb's own CPU dequantization does not
-    invert its quantizer (the spec, with flat blocks, does). If a bnb upgrade fixes this, this test
-    fails, and the restriction in `_bnb_can_dequantize` can go."""
-    # rows of very different scale: a wrong absmax shows as an error of the large row's size
-    W = torch.randn(3, 96) * torch.tensor([[0.01], [1.0], [0.01]])
-    weight, (packed, st) = quantize_4bit(W, "nf4", nested=False)
-    spec_err = (reference.dequantize(weight) - W).abs().max()
-    bnb_err = (bnbF.dequantize_4bit(packed, st) - W).abs().max()
-    # NF4 rounds to within half its widest code gap (0.152) times the block absmax (= max|W| at
-    # worst); bnb's row-block scaling gives the small rows the large row's absmax (~max|W| errors)
-    assert spec_err <= 0.16 * W.abs().max() and bnb_err > 0.5 * W.abs().max()
-
-
-def test_dequantize_fast_falls_back_for_a_table_bnb_would_ignore():
-    """bnb's kernels use their built-in NF4/FP4 table; a record with another `code` takes the spec."""
-    weight, _ = quantize_4bit(torch.randn(8, 64), "nf4", nested=False)
-    other = Quant4bitWeight(packed=weight.packed, absmax=weight.absmax, code=weight.code.flip(0),
-                            blocksize=weight.blocksize, shape=weight.shape, quant_type="nf4",
-                            dtype=weight.dtype)
-    got = reference.dequantize_fast(other)
-    assert "_bnb_args" not in other.__dict__
-    assert torch.equal(got, reference.dequantize(other))
-    assert not torch.equal(got, reference.dequantize(weight))  # the table really matters here
-
-
-def _mask_from_spec(seed: int, start: int, n: int, p: float) -> torch.Tensor:
-    offsets = torch.arange(start, start + n, dtype=torch.int64)
-    u = reference.uniform_from_uint32(reference.philox_randint(seed, offsets))
-    return u >= torch.tensor(p, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("seed", [0, 12345, 2**31 + 5, 2**40 + 7, 2**63 - 1])
-@pytest.mark.parametrize("p", [0.0, 1e-12, 0.1, 0.5, 0.999999, 1 - 1e-9])
-def test_dropout_mask_equals_the_philox_formula(seed, p):
-    """dropout_mask's rearranged rounds and integer threshold give exactly tl.rand(...) >= p, as
-    the module doc writes it (philox_randint + uniform_from_uint32, themselves checked vs Triton)."""
-    for M, K in [(1, 1), (37, 45), (3, 40000)]:  # 3 x 40000: several chunks and a partial one
-        assert torch.equal(reference.dropout_mask(seed, M, K, p), _mask_from_spec(seed, 0, M * K, p).view(M, K))
-    # chunks whose counter high word is not zero (offsets >= 2**32, too large to allocate whole)
-    n = 4096
-    for start in (2**32 - n, 2**32, 2**33 + 5 * n):
-        out = torch.empty(n, dtype=torch.bool)
-        bufs = [torch.empty(n, dtype=torch.int64) for _ in range(6)]
-        reference._philox_keep_chunk(seed, start, n, reference._keep_threshold(p), bufs, out)
-        assert torch.equal(out, _mask_from_spec(seed, start, n, p))
-
-
-@pytest.mark.parametrize("p", [0.0, 1e-12, 0.1, 0.3, 0.5, 0.9, 0.999999, 1 - 1e-9])
-def test_keep_threshold_is_the_float_comparison(p):
-    """u(v) = float32(v) * SCALE >= float32(p) exactly when v >= T, checked on both sides of T."""
-    T = reference._keep_threshold(p)
-    v = torch.tensor([T - 2, T - 1, T, T + 1, 0, 2**31 - 1], dtype=torch.int64).clamp(0, 2**31 - 1)  # v's domain
-    u = v.to(torch.float32) * torch.tensor(reference._UINT_TO_FLOAT_SCALE, dtype=torch.float32)
-    assert torch.equal(u >= torch.tensor(p, dtype=torch.float32), v >= T)
-
-
-@pytest.mark.parametrize("s", [2.0, 0.5, 0.3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_is_peft_order_bit_for_bit(s, dtype):
-    """lora_backward equals peft's autograd order (g * s first) exactly: by scaling the thin dB / v
-    when s is a power of two (exact), and by peft's own order otherwise."""
-    M, K, N, r = 33, 64, 48, 8
-    x, g = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype)
-    A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
-    W = torch.randn(N, K, dtype=dtype)
-    u = F.linear(x, A)
-    dx, dA, dB = reference.lora_backward(g, x, u, DenseWeight(W), A, B, s)
-    gs = g * s  # peft: MulBackward of `lora_B(...) * scaling`
-    v = gs.mm(B)
-    assert torch.equal(dB, gs.t().mm(u)) and torch.equal(dA, v.t().mm(x))
-    assert torch.equal(dx, g.mm(W) + v.mm(A))
+    dx, dA, dB = reference.lora_backward(g, x, None, weight, None, None, 1.0)
+    assert torch.equal(dx, g @ W) and dA is None and dB is None

@@ -1,16 +1,15 @@
-"""Fused Triton backward (kernels/lora_bwd.py) against the float64 spec: dx, dA, dB.
+"""Fused Triton backward (kernels/triton/backward.py) against the float64 spec: dx, dA, dB.
 
 u (the forward's thin saved activation) is the float64 spec's, handed to both sides, so this file
-tests the backward alone. Ground truth and tolerance: triton_cases.py.
+tests the backward alone. Ground truth and tolerance: builders.py.
 """
 import pytest
 import torch
 
-from kernels import lora_4bit, lora_dense, lora_int8, reference
-from triton_cases import (DEVICE, ODD, SMALL, assert_close, make_lora, make_weight, poisoned, rand,
-                          ref_backward, ref_forward)
-
-MODULES = {"nf4": lora_4bit, "fp4": lora_4bit, "int8": lora_int8, "dense": lora_dense}
+import kernels
+from builders import (DEVICE, ODD, ON_GPU, SMALL, assert_close, make_lora, make_weight, poisoned, rand,
+                      ref_backward, ref_forward, seed_tensor, triton_backward, triton_forward)
+from kernels.triton import backward, launch
 
 # (id, fmt, shape, x dtype, r, dropout_p, needs_dx, LoRA dtype, weight options)
 CASES = [
@@ -42,8 +41,7 @@ def test_backward_matches_reference(case):
     u = u64.float()  # what the fused forward hands over (fp32)
     dx_out = poisoned((M, K), dt) if needs_dx else None
 
-    dx, dA, dB = MODULES[fmt].lora_backward(g, x, u, weight, A, B, s, p, seed, needs_dx,
-                                            dx_out=dx_out)
+    dx, dA, dB = triton_backward(g, x, u, weight, A, B, s, p, seed, needs_dx, dx_out=dx_out)
 
     (dx_r, dA_r, dB_r), (mdx, mdA, mdB) = ref_backward(g, x, u.double(), W64, A, B, s, p, seed,
                                                        needs_dx)
@@ -63,8 +61,7 @@ def test_backward_base_only():
     M, K, N = SMALL
     weight, W64 = make_weight("nf4", N, K)
     x, g = rand((M, K), torch.bfloat16), rand((M, N), torch.bfloat16, seed=4)
-    dx, dA, dB = lora_4bit.lora_backward(g, x, None, weight, None, None, 1.0,
-                                         dx_out=poisoned((M, K), x.dtype))
+    dx, dA, dB = triton_backward(g, x, None, weight, None, None, 1.0, dx_out=poisoned((M, K), x.dtype))
     assert dA is None and dB is None
     ref = g.double() @ W64
     mag = g.double().abs() @ W64.abs()
@@ -77,8 +74,8 @@ def test_forward_backward_roundtrip_uses_kernel_u():
     weight, W64 = make_weight("nf4", N, K)
     A, B = make_lora(N, K, 8)
     x, g = rand((M, K), torch.bfloat16), rand((M, N), torch.bfloat16, seed=4)
-    _, u = lora_4bit.lora_forward(x, weight, None, A, B, 2.0, 0.2, 7)
-    dx, dA, dB = lora_4bit.lora_backward(g, x, u, weight, A, B, 2.0, 0.2, 7)
+    _, u = triton_forward(x, weight, None, A, B, 2.0, 0.2, 7)
+    dx, dA, dB = triton_backward(g, x, u, weight, A, B, 2.0, 0.2, 7)
     _, u64, _, mag_u = ref_forward(x, W64, None, A, B, 2.0, 0.2, 7)
     (dx_r, dA_r, dB_r), (mdx, mdA, mdB) = ref_backward(g, x, u64, W64, A, B, 2.0, 0.2, 7)
     # dB = s g^T u: u carries its own (bf16-sized) error from A's rounding; bound it through mag
@@ -90,8 +87,6 @@ def test_forward_backward_roundtrip_uses_kernel_u():
 def test_through_lora_linear_autograd():
     """kernels.lora_linear(backend="triton") -> autograd.py -> these ops: y and all grads (x, A, B)
     of a 3-D input against the float64 spec, with dropout from an explicit seed."""
-    import kernels
-
     M, K, N = SMALL
     weight, W64 = make_weight("nf4", N, K)
     A, B = make_lora(N, K, 8)
@@ -114,21 +109,17 @@ def test_through_lora_linear_autograd():
 @pytest.mark.parametrize("needs_dx", [True, False])
 def test_every_autotune_config(needs_dx):
     """Every backward config autotuning may pick is correct (CPU: the interpreter's one config)."""
-    from kernels import lora_bwd
-    from triton_cases import ON_GPU
-
     M, K, N = (300, 1000, 700) if ON_GPU else (40, 70, 50)
     weight, W64 = make_weight("nf4", N, K)
     A, B = make_lora(N, K, 16)
     x, g = rand((M, K), torch.bfloat16), rand((M, N), torch.bfloat16, seed=4)
     _, u64, _, _ = ref_forward(x, W64, None, A, B, 0.5, 0.1, 3)
     (dx_r, dA_r, dB_r), (mdx, mdA, mdB) = ref_backward(g, x, u64, W64, A, B, 0.5, 0.1, 3, needs_dx)
-    wa = lora_4bit.weight_args(weight)
-    configs = lora_bwd.GPU_CONFIGS if ON_GPU else lora_bwd._configs()
+    configs = backward.GPU_CONFIGS if ON_GPU else backward.lora_backward_kernel.configs
     for cfg in configs:
-        dx, dA, dB = lora_bwd.fused_backward(g, x, u64.float(), wa, A, B, 0.5, 0.1, 3, needs_dx,
-                                             dx_out=poisoned((M, K), x.dtype) if needs_dx else None,
-                                             config=cfg)
+        dx, dA, dB = backward.fused_backward(g, x, u64.float(), weight.kernel_args(), A, B, 0.5, 0.1,
+                                             seed_tensor(3), needs_dx,
+                                             dx_out=poisoned((M, K), x.dtype) if needs_dx else None, config=cfg)
         assert_close(f"dA {cfg}", dA, dA_r, mdA, x.dtype)
         assert_close(f"dB {cfg}", dB, dB_r, mdB, x.dtype)
         if needs_dx:
@@ -138,12 +129,10 @@ def test_every_autotune_config(needs_dx):
 def test_base_only_through_lora_linear_uses_triton(monkeypatch):
     """An adapter disabled or merged calls lora_linear with A = B = None: the triton backend must run
     the fused ops for it too (not quietly the torch reference), forward and dx, against the spec."""
-    import kernels
-
     calls = []
-    real_fwd, real_bwd = lora_4bit.lora_forward, lora_4bit.lora_backward
-    monkeypatch.setattr(lora_4bit, "lora_forward", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
-    monkeypatch.setattr(lora_4bit, "lora_backward", lambda *a, **k: calls.append("bwd") or real_bwd(*a, **k))
+    real_fwd, real_bwd = launch.forward, launch.backward
+    monkeypatch.setattr(launch, "forward", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
+    monkeypatch.setattr(launch, "backward", lambda *a, **k: calls.append("bwd") or real_bwd(*a, **k))
     M, K, N = SMALL
     weight, W64 = make_weight("nf4", N, K)
     bias = rand((N,), torch.bfloat16, seed=6)
@@ -158,3 +147,23 @@ def test_base_only_through_lora_linear_uses_triton(monkeypatch):
     assert_close("y", y.detach(), y_r, mag_y, x.dtype)
     (dx_r, _, _), (mdx, _, _) = ref_backward(g, x.detach(), u64, W64, A0, B0, 1.0, 0.0, None)
     assert_close("dx", x.grad, dx_r, mdx, x.dtype)
+
+
+def test_seed_drawn_on_the_device_and_kept_for_backward():
+    """seed=None on the triton backend: the Philox seed is drawn from torch's generator as a device
+    tensor (no host sync; a CUDA-graph replay draws a new one), saved for backward, and the same
+    torch.manual_seed gives the same mask; a strided 1-D bias is read correctly."""
+    M, K, N = SMALL
+    weight, W64 = make_weight("int8", N, K)
+    A, B = make_lora(N, K, 8)
+    x = rand((M, K), torch.bfloat16)
+    bias = rand((2 * N,), torch.float32, seed=3)[::2]  # a strided [N] view
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(21)
+        runs.append(kernels.lora_linear(x, weight, bias, A, B, 2.0, 0.3, training=True, backend="triton"))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(21)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=DEVICE).item())
+    y_r, _, mag_y, _ = ref_forward(x, W64, bias.contiguous(), A, B, 2.0, 0.3, seed)
+    assert_close("y", runs[0], y_r, mag_y, x.dtype)

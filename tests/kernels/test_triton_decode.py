@@ -1,14 +1,13 @@
-"""Small-M (decode, M <= 16) path: kernels/lora_decode.py against the float64 spec.
+"""Small-M (decode, M <= 16) path: kernels/triton/decode.py against the float64 spec.
 
-Ground truth and tolerance: triton_cases.py. On GPU the shapes are Llama-7B's (K, N).
+Ground truth and tolerance: builders.py. On GPU the shapes are Llama-7B's (K, N).
 """
 import pytest
 import torch
 
-from kernels import lora_4bit, lora_dense, lora_decode, lora_fwd, lora_int8
-from triton_cases import ON_GPU, assert_close, make_lora, make_weight, poisoned, rand, ref_forward
-
-MODULES = {"nf4": lora_4bit, "fp4": lora_4bit, "int8": lora_int8, "dense": lora_dense}
+from builders import ON_GPU, assert_close, make_lora, make_weight, poisoned, rand, ref_forward, seed_tensor
+from kernels.call import make_call
+from kernels.triton import decode, launch
 KN = (4096, 11008) if ON_GPU else (130, 333)  # (K, N)
 
 # (id, fmt, M, x dtype, r, bias, dropout_p, weight options)
@@ -21,37 +20,34 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_decode_matches_reference(case, monkeypatch):
+def test_decode_matches_reference(case):
     _, fmt, M, dt, r, has_bias, p, wopts = case
     K, N = KN
-    calls = []
-    real = lora_decode.decode_forward
-    monkeypatch.setattr(lora_decode, "decode_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     weight, W64 = make_weight(fmt, N, K, **wopts)
     A, B = make_lora(N, K, r)
     x = rand((M, K), dt)
     bias = rand((N,), torch.float32, seed=3) if has_bias else None
-    y, u = MODULES[fmt].lora_forward(x, weight, bias, A, B, 2.0, p, 5, out=poisoned((M, N), dt),
-                                     u_out=poisoned((M, r), torch.float32))
-    assert calls == [1], "M <= 16 must take the decode path"
+    y, u = decode.decode_forward(x, weight.kernel_args(), bias, A, B, 2.0, p, seed_tensor(5),
+                                 out=poisoned((M, N), dt), u_out=poisoned((M, r), torch.float32))
     y_ref, u_ref, mag_y, mag_u = ref_forward(x, W64, bias, A, B, 2.0, p, 5)
     assert_close("u", u, u_ref, mag_u, dt)
     assert_close("y", y, y_ref, mag_y, dt)
 
 
 def test_decode_boundary_and_base_only(monkeypatch):
-    """M = 17 takes the tiled kernel; M = 16 without LoRA (no u) still works on the decode path."""
+    """launch.forward: M <= 16 takes the decode path, M = 17 the tiled kernel; M = 16 without LoRA
+    (no u) works on the decode path."""
     K, N = KN
     weight, W64 = make_weight("nf4", N, K)
     seen = []
-    real = lora_fwd.fused_forward
-    monkeypatch.setattr(lora_fwd, "fused_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
+    for mod, name in ((launch, "fused_forward"), (decode, "decode_forward")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, _r=real, **k: seen.append(_n) or _r(*a, **k))
     x = rand((17, K), torch.bfloat16)
-    lora_4bit.lora_forward(x, weight, None, None, None, 1.0)
-    assert seen == [1]
+    launch.forward(make_call(x, weight, None, None, None, 1.0, 0.0, False, None, None), None)
     x16 = x[:16]
-    y, u = lora_4bit.lora_forward(x16, weight, None, None, None, 1.0)
-    assert u is None and seen == [1]
+    y, u = launch.forward(make_call(x16, weight, None, None, None, 1.0, 0.0, False, None, None), None)
+    assert seen == ["fused_forward", "decode_forward"] and u is None
     y_ref, _, mag, _ = ref_forward(x16, W64, None, None, None, 1.0, 0.0, None)
     assert_close("y", y, y_ref, mag, x.dtype)
 
@@ -63,10 +59,9 @@ def test_every_autotune_config():
     A, B = make_lora(N, K, 16)
     x = rand((7, K), torch.bfloat16)
     y_ref, u_ref, mag_y, mag_u = ref_forward(x, W64, None, A, B, 2.0, 0.1, 3)
-    wa = lora_4bit.weight_args(weight)
-    configs = lora_decode.GPU_CONFIGS if ON_GPU else lora_decode._gemv_configs()
+    configs = decode.GPU_CONFIGS if ON_GPU else decode.lora_gemv_kernel.configs
     for cfg in configs:
-        y, u = lora_decode.decode_forward(x, wa, None, A, B, 2.0, 0.1, 3,
-                                          out=poisoned((7, N), x.dtype), config=cfg)
+        y, u = decode.decode_forward(x, weight.kernel_args(), None, A, B, 2.0, 0.1, seed_tensor(3),
+                                     out=poisoned((7, N), x.dtype), config=cfg)
         assert_close(f"u {cfg}", u, u_ref, mag_u, x.dtype)
         assert_close(f"y {cfg}", y, y_ref, mag_y, x.dtype)

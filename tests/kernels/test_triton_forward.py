@@ -1,18 +1,18 @@
-"""Fused Triton forward (kernels/lora_fwd.py through the format files) against the float64 spec.
+"""Fused Triton forward (kernels/triton/forward.py, tiles.py) against the float64 spec.
 
-Same file on GPU (full shapes) and CPU (Triton interpreter, small odd shapes): see triton_cases.py
-for the ground truth and the tolerance's reason. The case matrix covers every axis (format, nested
+Same file on GPU (full shapes) and CPU (Triton interpreter, small odd shapes): see builders.py for
+the ground truth and the tolerance's reason. The case matrix covers every axis (format, nested
 absmax, blocksize, activation dtype, r, bias, dropout, odd K, strided dense W, base-only) without
 the full cross product, which the interpreter could not afford.
 """
 import pytest
 import torch
 
-from kernels import lora_4bit, lora_dense, lora_int8, reference
-from triton_cases import (DEVICE, ODD, ON_GPU, SMALL, assert_close, make_lora, make_weight, poisoned,
-                          rand, ref_forward)
-
-MODULES = {"nf4": lora_4bit, "fp4": lora_4bit, "int8": lora_int8, "dense": lora_dense}
+from builders import (DEVICE, ODD, ON_GPU, SMALL, assert_close, make_lora, make_weight, poisoned, rand,
+                      ref_forward, seed_tensor, triton_backward, triton_forward)
+from kernels import reference
+from kernels.formats import DenseWeight
+from kernels.triton import forward, utils
 
 # (id, fmt, shape, x dtype, r, bias, dropout_p, weight options)
 CASES = [
@@ -46,7 +46,7 @@ def test_forward_matches_reference(case):
     s, seed = 2.0, 1234
     y_out, u_out = poisoned((M, N), dt), poisoned((M, r), torch.float32)
 
-    y, u = MODULES[fmt].lora_forward(x, weight, bias, A, B, s, p, seed, out=y_out, u_out=u_out)
+    y, u = triton_forward(x, weight, bias, A, B, s, p, seed, out=y_out, u_out=u_out)
 
     assert y.dtype == dt and u.dtype == torch.float32
     assert y.data_ptr() == y_out.data_ptr()  # wrote into the poisoned buffers
@@ -62,7 +62,7 @@ def test_forward_base_only(fmt):
     weight, W64 = make_weight(fmt, N, K)
     x = rand((M, K), torch.bfloat16)
     bias = rand((N,), torch.bfloat16, seed=3)
-    y, u = MODULES[fmt].lora_forward(x, weight, bias, None, None, 1.0, out=poisoned((M, N), x.dtype))
+    y, u = triton_forward(x, weight, bias, None, None, 1.0, out=poisoned((M, N), x.dtype))
     assert u is None
     y_ref, _, mag, _ = ref_forward(x, W64, bias, None, None, 1.0, 0.0, None)
     assert_close("y", y, y_ref, mag, x.dtype)
@@ -75,8 +75,8 @@ def test_forward_strided_rows_and_zero_scaling():
     A, B = make_lora(N, K, 8)
     big = rand((M, K + 6), torch.bfloat16)
     x = big[:, 3:K + 3]  # [M, K] view, stride (K + 6, 1)
-    y, _ = lora_4bit.lora_forward(x, weight, None, A, B, 0.0)
-    y0, _ = lora_4bit.lora_forward(x.contiguous(), weight, None, None, None, 1.0)
+    y, _ = triton_forward(x, weight, None, A, B, 0.0)
+    y0, _ = triton_forward(x.contiguous(), weight, None, None, None, 1.0)
     assert torch.equal(y, y0)
 
 
@@ -95,13 +95,13 @@ def test_dequantize_bit_exact(fmt, nested, dt):
     if fmt == "fp4" and not nested:
         K, opts["blocksize"] = 320, 32  # K % blocksize == 0 with several blocks per tile row
     weight, W64 = make_weight(fmt, N, K, dtype=dt if fmt != "int8" else torch.bfloat16, **opts)
-    W = MODULES[fmt].dequantize(weight)
+    W = utils.dequantize(weight, reference.dequantize(weight).dtype)
     truth = W64.to(W.dtype)  # bnb's result in its own dtype (W64 holds it exactly)
     assert W.dtype == (torch.float32 if fmt == "int8" else dt)
     assert torch.equal(W, truth)
     assert torch.equal(W, reference.dequantize(weight))
     if fmt != "dense":  # the cast to an activation dtype rounds exactly like torch's .to()
-        assert torch.equal(MODULES[fmt].dequantize(weight, torch.bfloat16), truth.to(torch.bfloat16))
+        assert torch.equal(utils.dequantize(weight, torch.bfloat16), truth.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("seed,p", [(0, 0.1), (12345, 0.5), (2**40 + 7, 0.3)])
@@ -114,22 +114,18 @@ def test_dropout_mask_bit_exact(seed, p):
     u = keep / (1 - p) (one nonzero term per sum); with W = 0, B = I (N = r), g = 1 the backward's
     dx = s / (1 - p) * keep. p = 0.5 and scale 1 keep every value exact in fp32 / bf16.
     """
-    from kernels import triton_ops
-    from kernels.weights import DenseWeight
-
     M, Kw = 37, 333
-    assert torch.equal(triton_ops.dropout_mask(seed, M, Kw, p, DEVICE).cpu(),
-                       reference.dropout_mask(seed, M, Kw, p).cpu())
+    assert torch.equal(utils.dropout_mask(seed, M, Kw, p, DEVICE).cpu(), reference.dropout_mask(seed, M, Kw, p))
     K = 64
     eye = torch.eye(K, device=DEVICE)
     zero_w = DenseWeight(torch.zeros(K, K, dtype=torch.bfloat16, device=DEVICE))
     for m in (37, 5):
         x = torch.ones(m, K, dtype=torch.bfloat16, device=DEVICE)
         keep = reference.dropout_mask(seed, m, K, p, DEVICE)
-        _, u = lora_dense.lora_forward(x, zero_w, None, eye, eye, 1.0, p, seed)
+        _, u = triton_forward(x, zero_w, None, eye, eye, 1.0, p, seed)
         assert torch.equal(u, keep.float() * (1.0 / (1.0 - p))), f"forward mask, M={m}"
         g = torch.ones(m, K, dtype=torch.bfloat16, device=DEVICE)
-        dx, _, _ = lora_dense.lora_backward(g, x, u, zero_w, eye, eye, 1.0 - p, p, seed)
+        dx, _, _ = triton_backward(g, x, u, zero_w, eye, eye, 1.0 - p, p, seed)
         assert torch.equal(dx.float(), keep.float()), f"backward mask, M={m}"
 
 
@@ -137,18 +133,16 @@ def test_dropout_mask_bit_exact(seed, p):
 def test_every_autotune_config(p):
     """Every config autotuning may pick is correct, not only the one it picked for the shapes above
     (on CPU: the interpreter's single config, proving the override path)."""
-    from kernels import lora_fwd
-
     M, K, N = (300, 1000, 700) if ON_GPU else (40, 70, 50)
     weight, W64 = make_weight("nf4", N, K)
     A, B = make_lora(N, K, 16)
     x = rand((M, K), torch.bfloat16)
     bias = rand((N,), torch.bfloat16, seed=3)
     y_ref, u_ref, mag_y, mag_u = ref_forward(x, W64, bias, A, B, 2.0, p, 3)
-    wa = lora_4bit.weight_args(weight)
-    configs = lora_fwd.GPU_CONFIGS if ON_GPU else lora_fwd._configs()
+    configs = forward.GPU_CONFIGS if ON_GPU else forward.lora_forward_kernel.configs
     for cfg in configs:
-        y, u = lora_fwd.fused_forward(x, wa, bias, A, B, 2.0, p, 3, out=poisoned((M, N), x.dtype),
-                                      u_out=poisoned((M, 16), torch.float32), config=cfg)
+        y, u = forward.fused_forward(x, weight.kernel_args(), bias, A, B, 2.0, p, seed_tensor(3),
+                                     out=poisoned((M, N), x.dtype), u_out=poisoned((M, 16), torch.float32),
+                                     config=cfg)
         assert_close(f"u {cfg}", u, u_ref, mag_u, x.dtype)
         assert_close(f"y {cfg}", y, y_ref, mag_y, x.dtype)

@@ -1,4 +1,4 @@
-"""Fused LoRA forward, one launch per layer, any base-weight format (see lora_tiles.py for why).
+"""Fused LoRA forward for M > 16, one launch per layer, any base-weight format (tiles.py).
 
     y [M, N] = x @ deq(W)^T + bias + scaling * (dropout(x) @ A^T) @ B^T       (x.dtype)
     u [M, r] = dropout(x) @ A^T                                                (fp32, for backward)
@@ -10,10 +10,10 @@ down-projection, R = r padded to a power of two >= 16); the epilogue adds the up
 u @ B^T, scaling and bias and rounds once. The programs of column pid_n == 0 write u.
 
 With dropout (training, p > 0) the down-projection runs first as its own small kernel
-(`down_projection`, split-K), and the fused kernel reads u in its epilogue (U_IN): the mask is
-one Philox draw per element of x (10 rounds, ~40 integer ops), and drawing it inside the fused K
-loop would repeat it in every one of the N / BLOCK_N columns of programs, costing more ALU time
-than the GEMM itself. Drawn once, it costs one extra read of x.
+(`down_projection`, split-K), and the fused kernel reads u in its epilogue (U_IN): the mask is one
+Philox draw per element of x (10 rounds, ~40 integer ops), and drawing it inside the fused K loop
+would repeat it in every one of the N / BLOCK_N columns of programs, costing more ALU time than
+the GEMM itself. Drawn once, it costs one extra read of x.
 
 Precision: the base GEMM and the down-projection run on tensor cores in x.dtype with fp32
 accumulators (A is rounded to x.dtype; x already is); the up-projection runs in tf32 on the fp32
@@ -28,99 +28,104 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_tiles import bias_row, cvt, dropout_keep, grouped_pid, load_w_tile, mma, up_projection
-from .triton_common import (WeightArgs, active_configs, gemm_configs, interpreting, lora_rank_block,
-                            next_pow2, prune_tall_row_tiles)
-
-DECODE_MAX_M = 16  # M <= 16 goes to the memory-bound GEMV path (lora_decode.py)
-
+from . import configs, interpreting
+from .tiles import bias_row, cvt, dropout_keep, grouped_pid, load_w_tile, mma, row_ptrs, up_projection
 
 # Every config autotuning may pick on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): H100-sized
-# tiles; the tests sweep them all on a GPU.
-GPU_CONFIGS = gemm_configs([
+# tiles; configs.prune keeps those that fit the device's shared memory at the call's rank.
+GPU_CONFIGS = configs.gemm_configs([
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3),
 ])
 
 
-def _configs() -> list[triton.Config]:
-    return active_configs(GPU_CONFIGS)
-
-
-@triton.autotune(configs=_configs(),
+@triton.autotune(configs=configs.active(GPU_CONFIGS),
                  key=["M_BUCKET", "N", "K", "FMT", "NESTED", "HAS_LORA", "U_IN", "R"],
-                 prune_configs_by={"early_config_prune": prune_tall_row_tiles})
+                 prune_configs_by={"early_config_prune": configs.pruner("forward")})
 @triton.jit
-def _lora_fwd_kernel(
+def lora_forward_kernel(
+    # pointers
     x_ptr, y_ptr, u_ptr, bias_ptr, a_ptr, b_ptr,
-    w_ptr, s1_ptr, code_ptr, code2_ptr, s2_ptr, w_offset, stride_wn, stride_wk,
+    # the base weight (tiles.py)
+    w_ptr, scale_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset, stride_wn, stride_wk,
+    # sizes
     M, N, K, r, M_BUCKET,
+    # strides
     stride_xm, stride_ym, stride_um, stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
-    FMT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+    # weight format
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     K_EVEN: tl.constexpr, ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
+    # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, U_IN: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y tile = x @ deq(W)^T + bias + scaling * u @ B^T; u accumulated in the K loop and written
-    by column 0 (U_IN=False), or read from u_ptr (U_IN=True: dropout, see fused_forward)."""
+    """y tile = x @ deq(W)^T + bias + scaling * u @ B^T; u accumulated in the K loop and written by
+    column 0 (U_IN=False), or read from u_ptr (U_IN=True: dropout, see the module doc)."""
+    # program ids
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     offs_r = tl.arange(0, R)  # [R]
     ACT = x_ptr.dtype.element_ty
+    x_rows = row_ptrs(x_ptr, offs_m, stride_xm)  # [BM, 1]
 
+    # K loop: the base GEMM and (without dropout) the down-projection
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x @ W^T
     acc_u = tl.zeros((BLOCK_M, R), dtype=tl.float32)  # x @ A^T
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
-        w = load_w_tile(w_ptr, s1_ptr, code_ptr, code2_ptr, s2_ptr, w_offset, stride_wn, stride_wk,
-                        offs_n, k0, N, K, FMT, NESTED, BS, BS2, K_EVEN, ALIGNED, W_DTYPE, ACT,
-                        BLOCK_N, BLOCK_K)  # [BN, BK]
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                    other=0.0)  # [BM, BK]
+        w = load_w_tile(w_ptr, scale_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
+                        stride_wn, stride_wk, offs_n, k0, N, K, FMT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE,
+                        K_EVEN, ALIGNED, W_DTYPE, ACT, BLOCK_N, BLOCK_K)  # [BN, BK]
         acc = mma(x, tl.trans(w), acc)
         if HAS_LORA and not U_IN:
             a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                         mask=(offs_r[None, :] < r) & (offs_k[:, None] < K), other=0.0)  # A^T [BK, R]
             acc_u = mma(x, cvt(a, ACT), acc_u)
 
+    # epilogue: bias, LoRA up-projection, one rounding
     y = acc
     if HAS_BIAS:
         y += bias_row(bias_ptr, offs_n, N, ACT)
     if HAS_LORA:
         u_mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
+        u_ptrs = row_ptrs(u_ptr, offs_m, stride_um) + offs_r[None, :]
         if U_IN:
-            u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], mask=u_mask,
-                        other=0.0)  # [BM, R] fp32
+            u = tl.load(u_ptrs, mask=u_mask, other=0.0)  # [BM, R] fp32
         else:
             u = acc_u
             if pid_n == 0:
-                tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_mask)
+                tl.store(u_ptrs, u, mask=u_mask)
         y += scaling * up_projection(u, b_ptr, offs_n, offs_r, N, r, stride_bn, stride_br)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], cvt(y, ACT),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    y_ptrs = row_ptrs(y_ptr, offs_m, stride_ym) + offs_n[None, :]  # M * N may reach 2**31
+    tl.store(y_ptrs, cvt(y, ACT), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def fused_forward(
     x: torch.Tensor,
-    wa: WeightArgs,
+    wa,
     bias: Optional[torch.Tensor],
     A: Optional[torch.Tensor],
     B: Optional[torch.Tensor],
     scaling: float,
     dropout_p: float,
-    seed: Optional[int],
+    seed: Optional[torch.Tensor],
     out: Optional[torch.Tensor] = None,
     u_out: Optional[torch.Tensor] = None,
     config: Optional[triton.Config] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the tiled kernel (inputs already checked by the format module). Returns (y, u).
+    """Launch the tiled kernel (inputs checked by launch.py; `wa` = the weight's KernelArgs).
+    Returns (y [M, N] x.dtype, u [M, r] fp32 or None).
 
-    `out` [M, N] x.dtype and `u_out` [M, r] fp32 may be given (tests pass NaN-filled buffers so
-    any element the kernel fails to write shows up); `config` bypasses autotuning (tests run every
-    config of GPU_CONFIGS).
+    seed: int64 [1] device tensor (dropout only). `out` / `u_out` may be given (tests pass
+    NaN-filled buffers so any element the kernel fails to write shows up); `config` bypasses
+    autotuning (tests run every config of GPU_CONFIGS).
     """
+    from .launch import dummy_if_none, format_constexprs
+
     M, K = x.shape
     N = wa.N
     r = 0 if A is None else A.shape[0]
@@ -128,97 +133,98 @@ def fused_forward(
     u = None
     if r:
         u = torch.empty((M, r), dtype=torch.float32, device=x.device) if u_out is None else u_out
-    dummy = x  # stands in for absent optional pointers; never read (constexpr-disabled)
-    a, b = (A, B) if r else (dummy, dummy)
     u_in = r > 0 and dropout_p > 0
-    if u_in:  # the mask is Philox per element: generate it once, not once per column of tiles
+    if u_in:  # the mask is Philox per element: draw it once, not once per column of tiles
         down_projection(x, A, dropout_p, seed, u)
+    u_, bias_, a, b = dummy_if_none(x, u, bias, A, B)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel = _lora_fwd_kernel if config is None else _lora_fwd_kernel.fn
+    kernel = lora_forward_kernel if config is None else lora_forward_kernel.fn
     kernel[grid](
-        x, y, u if r else dummy, dummy if bias is None else bias, a, b,
-        *wa.kernel_args(),
-        M, N, K, max(r, 1), min(next_pow2(M), 8192),
-        x.stride(0), y.stride(0), u.stride(0) if r else 0,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        x, y, u_, bias_, a, b,
+        *wa.pointers(),
+        M, N, K, max(r, 1), min(configs.next_pow2(M), 8192),
+        x.stride(0), y.stride(0), u_.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         float(scaling),
-        **wa.constexprs(),
-        HAS_BIAS=bias is not None, HAS_LORA=r > 0, U_IN=u_in, R=lora_rank_block(max(r, 1)),
+        **format_constexprs(wa),
+        HAS_BIAS=bias is not None, HAS_LORA=r > 0, U_IN=u_in, R=configs.rank_block(max(r, 1)),
         **({} if config is None else config.all_kwargs()),
     )
     return y, u
 
 
 @triton.jit
-def _lora_down_kernel(
-    x_ptr, a_ptr, u_ptr, M, K, r, K_PER_PROG,
-    stride_xm, stride_ar, stride_ak, stride_um, keep_scale, p, seed,
-    DROPOUT: tl.constexpr, OFFS_64: tl.constexpr, R: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+def lora_down_kernel(
+    # pointers
+    x_ptr, a_ptr, u_ptr, seed_ptr,
+    # sizes
+    M, K, r, K_PER_PROG,
+    # strides
+    stride_xm, stride_ar, stride_ak, stride_um,
+    keep_scale, p,
+    # meta-parameters
+    DROPOUT: tl.constexpr, R: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """u[m-block] += dropout(x[m-block, k-range]) @ A[:, k-range]^T, split over K: fp32 atomics
-    into u, or (PARTIAL) a plain store of this K range's share into u_ptr[split] ([S, M, r])."""
+    """u[m-block] += dropout(x[m-block, k-range]) @ A[:, k-range]^T, split over K: fp32 atomics into
+    u, or (PARTIAL) a plain store of this K range's share into u_ptr[split] ([S, M, r])."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     k_lo = tl.program_id(1) * K_PER_PROG
     offs_r = tl.arange(0, R)  # [R]
     ACT = x_ptr.dtype.element_ty
+    x_rows = row_ptrs(x_ptr, offs_m, stride_xm)  # [BM, 1]
+    if DROPOUT:
+        seed = tl.load(seed_ptr)  # int64: a device tensor, so CUDA-graph replays draw new masks
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for kk in range(0, K_PER_PROG, BLOCK_K):
         offs_k = k_lo + kk + tl.arange(0, BLOCK_K)  # [BK]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                    other=0.0)  # [BM, BK]
         if DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p, OFFS_64), x, 0.0)
+            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < r) & (offs_k[:, None] < K), other=0.0)  # A^T [BK, R]
         acc = mma(x, cvt(a, ACT), acc)
     u_mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
     if PARTIAL:
-        u_ptr += tl.program_id(1) * M * r  # this split's [M, r] slice
-        tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], acc * keep_scale, mask=u_mask)
+        u_ptr += tl.program_id(1).to(tl.int64) * M * r  # this split's [M, r] slice
+    u_ptrs = row_ptrs(u_ptr, offs_m, stride_um) + offs_r[None, :]
+    if PARTIAL:
+        tl.store(u_ptrs, acc * keep_scale, mask=u_mask)
     else:
-        tl.atomic_add(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], acc * keep_scale,
-                      mask=u_mask)
+        tl.atomic_add(u_ptrs, acc * keep_scale, mask=u_mask)
 
 
-def _down_grid(M: int, K: int) -> tuple[int, int, int]:
+def _down_grid(M: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, K per program): 4 K tiles per program on a GPU, so small M fills it too."""
     bm = 16 if M <= 16 else (32 if interpreting() else 64)
     bk = 64 if interpreting() else 128
     return bm, bk, bk * (1 if interpreting() else 4)
 
 
-def down_projection(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed: Optional[int],
+def down_projection(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor],
                     u: torch.Tensor, partial: bool = False) -> torch.Tensor:
     """dropout(x) @ A^T [M, r] fp32 with each dropout mask element drawn once; reads x, A once.
 
     Split over K. Default: fp32 atomics into `u` [M, r] (zeroed here). partial=True (the decode
-    path): `u` is [S, M, r], S = n_splits(K), each split stores its share and the consumer sums
+    path): `u` is [S, M, r], S = n_splits(M, K), each split stores its share and the consumer sums
     them (no memset launch, no atomics, deterministic).
     """
     M, K = x.shape
     r = A.shape[0]
-    bm, bk, k_per = _down_grid(M, K)
+    bm, bk, k_per = _down_grid(M)
     if not partial:
         u.zero_()  # atomics target
-    _lora_down_kernel[(triton.cdiv(M, bm), triton.cdiv(K, k_per))](
-        x, A, u, M, K, r, k_per, x.stride(0), A.stride(0), A.stride(1), r,
-        1.0 / (1.0 - dropout_p), float(dropout_p), int(seed or 0),
-        DROPOUT=dropout_p > 0, OFFS_64=M * K > 2**31 - 1, R=lora_rank_block(r), PARTIAL=partial,
-        BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
+    lora_down_kernel[(triton.cdiv(M, bm), triton.cdiv(K, k_per))](
+        x, A, u, x if seed is None else seed,
+        M, K, r, k_per,
+        x.stride(0), A.stride(0), A.stride(1), r,
+        1.0 / (1.0 - dropout_p), float(dropout_p),
+        DROPOUT=dropout_p > 0, R=configs.rank_block(r), PARTIAL=partial, BLOCK_M=bm, BLOCK_K=bk,
+        num_warps=4,
     )
     return u
 
 
 def n_splits(M: int, K: int) -> int:
     """How many K splits down_projection uses (the S of its partial=True output)."""
-    return triton.cdiv(K, _down_grid(M, K)[2])
-
-
-def run_forward(x, wa, bias, A, B, scaling, dropout_p, seed, out=None, u_out=None):
-    """Small M (decode) -> the GEMV path; otherwise the tiled fused kernel. Returns (y, u)."""
-    if x.shape[0] <= DECODE_MAX_M:
-        from .lora_decode import decode_forward
-
-        return decode_forward(x, wa, bias, A, B, scaling, dropout_p, seed, out=out, u_out=u_out)
-    return fused_forward(x, wa, bias, A, B, scaling, dropout_p, seed, out=out, u_out=u_out)
+    return triton.cdiv(K, _down_grid(M)[2])

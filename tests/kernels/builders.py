@@ -1,4 +1,5 @@
-"""Shared builders for the Triton kernel tests (test_triton_*.py): weights, float64 truth, tolerances.
+"""Shared builders of the kernel tests: weight records from bitsandbytes, LoRA inputs, the float64
+truth and its tolerance, and thin wrappers that run the Triton launchers on one case.
 
 Ground truth: W is quantized with bitsandbytes.functional on CPU (quantize_4bit,
 int8_vectorwise_quant) and dequantized by bitsandbytes.functional (dequantize_4bit,
@@ -21,11 +22,13 @@ interpreter (numpy per tile, slow) at small odd shapes that are multiples of no 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import bitsandbytes.functional as bnbF
 import torch
 
 from kernels import reference
-from kernels.weights import DenseWeight, Int8Weight, NestedAbsmax, Quant4bitWeight
+from kernels.formats import DenseWeight, Int8Weight, Quant4bitWeight
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -33,6 +36,27 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 ODD = (1031, 4096, 4099) if ON_GPU else (37, 320, 333)
 SMALL = (515, 1000, 2050) if ON_GPU else (19, 130, 70)  # cheaper cases of the matrix
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", nested: bool = True, blocksize: int = 64,
+                  device=None):
+    """(Quant4bitWeight on `device` (default CPU), (packed, QuantState) on CPU) from bitsandbytes'
+    own quantizer, run on CPU."""
+    packed, state = bnbF.quantize_4bit(W.cpu(), blocksize=blocksize, compress_statistics=nested,
+                                       quant_type=quant_type)
+    rec = Quant4bitWeight.from_bnb(packed, state)
+    if device is not None and torch.device(device).type != "cpu":
+        nest = rec.nested and dataclasses.replace(rec.nested, code=rec.nested.code.to(device),
+                                                  absmax=rec.nested.absmax.to(device))
+        rec = dataclasses.replace(rec, packed=packed.to(device), absmax=rec.absmax.to(device),
+                                  code=rec.code.to(device), nested=nest)
+    return rec, (packed, state)
+
+
+def quantize_int8(W: torch.Tensor) -> Int8Weight:
+    """bitsandbytes' LLM.int8() storage of W (quantized from fp16, as Int8Params does)."""
+    CB, SCB, _ = bnbF.int8_vectorwise_quant(W.to(torch.float16))
+    return Int8Weight(CB=CB, SCB=SCB)
 
 
 def make_weight(fmt: str, N: int, K: int, *, dtype=torch.bfloat16, nested=True, blocksize=64,
@@ -45,21 +69,13 @@ def make_weight(fmt: str, N: int, K: int, *, dtype=torch.bfloat16, nested=True, 
     gen = torch.Generator().manual_seed(seed)
     W = torch.randn(N, K, generator=gen) * 0.05  # [N, K] fp32 on CPU
     if fmt in ("nf4", "fp4"):
-        packed, qs = bnbF.quantize_4bit(W.to(dtype), blocksize=blocksize, compress_statistics=nested,
-                                        quant_type=fmt)
+        rec, (packed, qs) = quantize_4bit(W.to(dtype), fmt, nested, blocksize, DEVICE)
         W64 = bnbF.dequantize_4bit(packed, qs).double()  # bnb's own dequantization: the truth
-        nest = None
-        if nested:
-            nest = NestedAbsmax(code=qs.state2.code.to(DEVICE), absmax=qs.state2.absmax.to(DEVICE),
-                                blocksize=qs.state2.blocksize, offset=float(qs.offset))
-        rec = Quant4bitWeight(packed=packed.to(DEVICE), absmax=qs.absmax.to(DEVICE),
-                              code=qs.code.to(DEVICE), blocksize=blocksize, shape=(N, K),
-                              quant_type=fmt, dtype=dtype, nested=nest)
         return rec, W64.to(DEVICE)
     if fmt == "int8":
-        CB, SCB, _ = bnbF.int8_vectorwise_quant(W.half())
-        W64 = bnbF.int8_vectorwise_dequant(CB, SCB).double()
-        return Int8Weight(CB=CB.to(DEVICE), SCB=SCB.to(DEVICE)), W64.to(DEVICE)
+        rec = quantize_int8(W)
+        W64 = bnbF.int8_vectorwise_dequant(rec.CB, rec.SCB).double()
+        return Int8Weight(CB=rec.CB.to(DEVICE), SCB=rec.SCB.to(DEVICE)), W64.to(DEVICE)
     if fmt == "dense":
         Wd = W.to(dtype)
         if transposed:
@@ -126,3 +142,29 @@ def assert_close(name, got, ref, mag, dtype):
     bad = err > bound
     assert not bad.any(), (f"{name}: {int(bad.sum())}/{bad.numel()} elements off; worst err "
                            f"{float((err - bound).max()):.3g} over its bound, max err {float(err.max()):.3g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton launchers on one case (the backend's own entry is kernels.triton.launch; these let a
+# test hand over NaN-poisoned output buffers and pick the tiled or decode path by M)
+# ---------------------------------------------------------------------------------------------
+
+def seed_tensor(seed, device=None):
+    return None if seed is None else torch.full((1,), int(seed), dtype=torch.int64, device=device or DEVICE)
+
+
+def triton_forward(x, weight, bias, A, B, scaling, dropout_p=0.0, seed=None, out=None, u_out=None):
+    """(y [M, N], u [M, r] fp32): the decode path for M <= 16, the tiled kernel otherwise."""
+    from kernels.triton import decode, forward
+
+    run = decode.decode_forward if x.shape[0] <= decode.MAX_M else forward.fused_forward
+    return run(x, weight.kernel_args(), bias, A, B, scaling, dropout_p, seed_tensor(seed, x.device), out=out,
+               u_out=u_out)
+
+
+def triton_backward(g, x, u, weight, A, B, scaling, dropout_p=0.0, seed=None, needs_dx=True, dx_out=None):
+    """(dx [M, K] | None, dA [r, K], dB [N, r]) from the fused backward kernel."""
+    from kernels.triton.backward import fused_backward
+
+    return fused_backward(g.contiguous(), x, u, weight.kernel_args(), A, B, scaling, dropout_p,
+                          seed_tensor(seed, x.device), needs_dx, dx_out=dx_out)
