@@ -126,3 +126,11 @@ class TestBadLabels:
         from tiny_models import save_tiny
         _expect(fast_cfg(task="seq-cls", model=str(save_tiny("t5", tmp_path / "t5"))),
                 r"--task seq-cls: --model .* is an encoder-decoder")
+
+
+def test_fsdp_refuses_seq_cls(fast_cfg, monkeypatch):
+    from train import TrainError, fsdp
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match="--fsdp with --task seq-cls: sharding is built and tested for language"):
+        fsdp.check(fast_cfg(task="seq-cls", fsdp=True))
