@@ -167,6 +167,9 @@ def _print_summary(out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from train.quiet import quiet_start
+
+    quiet_start()  # before anything imports bitsandbytes
     _prepare_triton_interpreter(argv)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -43,6 +43,7 @@ from functools import reduce
 import torch
 
 from .config import DATA_INITS, init_kind
+from .embedding import LoraEmbedding
 from .inject import ModulesToSave
 
 LINEAR_FAMILY = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -201,6 +202,11 @@ def _check(model, adapters, weights, adapter_name, combination_type, svd_rank, d
     if kind.removesuffix("_svd") in NEEDS_DENSITY and density is None:
         raise ValueError(f"combination_type={combination_type!r} needs density (the fraction of values "
                          f"kept, in [0, 1])")
+    embedded = [p for p, m in model.lora_layers().items()
+                if isinstance(m, LoraEmbedding) and any(a in m.adapters for a in adapters)]
+    if embedded:
+        raise ValueError(f"{embedded[0]} is an embedding layer: combining Embedding LoRA adapters is not "
+                         f"implemented in lorafuse. Fix: combine adapters that target linear layers only.")
     for m in model.base_model.modules():
         if isinstance(m, ModulesToSave) and sum(a in m.modules_to_save for a in adapters) > 1:
             raise ValueError("two of these adapters have their own copy of the same modules_to_save module; "

@@ -128,7 +128,7 @@ def check_layer(config: LoraConfig, path: str, base_layer: nn.Module) -> None:
     from .inject import pattern_value
 
     kind = _data_init(config)
-    if kind is None:
+    if kind is None or not quant.is_linear(base_layer):  # an embedding's builder refuses these inits itself
         return
     r = pattern_value(config.rank_pattern, path, config.r)
     k_in, n_out = quant.in_out_features(base_layer)

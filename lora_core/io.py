@@ -2,7 +2,8 @@
 
 An adapter directory holds two files:
 
-    adapter_config.json         LoraConfig.to_dict(): peft's fields only, inference_mode true
+    adapter_config.json         LoraConfig.to_dict(): peft's fields only, inference_mode true, and
+                                without a task_type peft's auto_mapping (the base model's class)
     adapter_model.safetensors   metadata {"format": "pt"}; adapter_model.bin is read too
 
 Several adapters (peft's layout): the adapter named "default" at the folder root, every other one
@@ -54,9 +55,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import quant
-from .adapters import build_adapter, saved_tensors
-from .inject import ModulesToSave, find_targets, modules_to_save_names
+from . import tasks
+from .adapters import saved_tensors
+from .inject import ModulesToSave, find_targets, modules_to_save_names, new_adapter
 from .layer import LoraLinear
 from .methods import adaption_prompt, config_from_dict
 from .methods.adaption_prompt import AdaptedAttention
@@ -264,6 +265,10 @@ def _config_for_disk(model: LoraModel, config) -> dict:
                                              or getattr(getattr(hf, "config", None), "_name_or_path", None)
                                              or None)
     config["inference_mode"] = True  # what peft writes: a saved adapter loads frozen unless asked
+    if config.get("task_type") is None:
+        # peft's auto_mapping: without a task type, the class that opens the base (AutoPeftModel)
+        cls = type(model.base_model)
+        config["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return config
 
 
@@ -334,6 +339,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike, adapter_name: str =
     local = _local_dir(directory, need_weights=True)
     config = read_config(local)
     config.inference_mode = not is_trainable
+    tasks.add_task_heads(config)  # as get_lora_model does, so the plan expects the head's tensors
     state = _read_weights(local)
     plan = _plan(base_model, config, state, local, adapter_name)  # raises before any change to base_model
 
@@ -358,6 +364,7 @@ def load_into(model: LoraModel, directory: PathLike, adapter_name: str, is_train
     local = _local_dir(directory, need_weights=True)
     config = read_config(local)
     config.inference_mode = not is_trainable
+    tasks.add_task_heads(config)  # as get_lora_model does, so the plan expects the head's tensors
     state = _read_weights(local)
     plan = _plan(model.base_model, config, state, local, adapter_name)
     config._from_file = True
@@ -477,10 +484,8 @@ def _adapter_tensors(tree: nn.Module, config, targets: set[str], adapter_name: s
             adapter = adaption_prompt.AdaptionPrompt(config.adapter_len, tree.config.hidden_size, torch.float32,
                                                      device="meta")
             tensors = dict(adapter.named_parameters())
-        else:
-            k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
-                           else quant.in_out_features(module))
-            adapter = build_adapter(config, path, k_in, n_out, torch.float32, torch.device("meta"))
+        else:  # as the injection builds it (an embedding gets its own kind), shapes only
+            adapter = new_adapter(config, path, module, torch.float32, torch.device("meta"))
             tensors = saved_tensors(adapter, config, path)
         for name, t in tensors.items():
             out[f"{path}.{name}"] = (f"{path}.adapters.{adapter_name}.{name}", tuple(t.shape))

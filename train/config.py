@@ -136,6 +136,12 @@ class TrainConfig:
                                      "bfloat16, the compute dtype", ("uint8", "bfloat16", "float16", "float32"))
     fsdp: bool = _f(False, "shard the frozen base and the LoRA weights over the processes with FSDP2 "
                     "(through Accelerate); launch >= 2 processes with torchrun or accelerate launch")
+    task: str = _f("lm", "lm: language modelling (causal, or seq2seq for an encoder-decoder --model); "
+                   "seq-cls: sequence classification (the text is --text-template up to "
+                   "--completion-separator, the class is --label-column; accuracy in the eval)",
+                   ("lm", "seq-cls"))
+    label_column: str = _f("label", "the column holding each row's class with --task seq-cls (one string "
+                           "or integer per row)", nonempty=True)
     # --- LoRA --------------------------------------------------------------------------------
     r: int = _f(16, "LoRA rank", gt=0)
     lora_alpha: float = _f(32.0, "LoRA alpha; scaling = lora_alpha / r", gt=0)
@@ -366,6 +372,9 @@ def check_method(cfg: TrainConfig) -> None:
                          f"not a weight change, so there is no merged model; drop --merge")
     if cfg.prompt_tuning_init == "TEXT" and not cfg.prompt_tuning_init_text.strip():
         raise TrainError("--prompt-tuning-init TEXT needs --prompt-tuning-init-text")
+    if cfg.task == "seq-cls" and cfg.method in PROMPT_METHODS:
+        raise TrainError(f"--task seq-cls with --method {cfg.method}: the new classification head must train in "
+                         f"full, which lorafuse's prompt methods do not do; use --method lora, ia3 or adalora")
 
 
 def resume_mismatches(stored: dict, cfg: TrainConfig) -> list[str]:
