@@ -19,6 +19,8 @@ CONFIGS = {
                           modules_to_save=["ln_f"], bias="lora_only")),
     # DoRA's magnitude (1-D, with decay) and a 2-D module to save (group A)
     "llama": ("llama", dict(target_modules=["q_proj", "down_proj"], use_dora=True, modules_to_save=["lm_head"])),
+    # LoRA on the embedding: its own group at loraplus_lr_embedding
+    "embedding": ("llama", dict(target_modules=["q_proj", "embed_tokens"])),
 }
 
 
@@ -45,6 +47,7 @@ def test_loraplus_equals_peft(case):
         assert (go["lr"], go["weight_decay"], go["betas"]) == (gp["lr"], gp["weight_decay"], gp["betas"])
         assert sorted(names_o[id(p)] for p in go["params"]) == sorted(names_p[id(p)] for p in gp["params"])
     assert any(len(g["params"]) for g in opt_o.param_groups[2:])  # B groups are not empty
+    assert bool(opt_o.param_groups[1]["params"]) == (case == "embedding")
 
     losses = {}
     for side, model, opt in (("ours", ours, opt_o), ("peft", theirs, opt_p)):
