@@ -239,8 +239,12 @@ def check_counts(pair: Pair, tol) -> Row:
                detail={"ours": [int(ours_t), int(ours_all)], "peft": [int(peft_t), int(peft_all)]})
 
 
-def check_grads(pair: Pair, batch: dict, tols) -> tuple[Row, Row]:
-    """Forward logits (exact mode) and the gradient of every A and B from one train-mode pass."""
+def check_grads(pair: Pair, batch: dict, tols, tensors=None, what: Optional[str] = None) -> tuple[Row, Row]:
+    """Forward logits (exact mode) and the gradient of every adapter tensor from one train-mode pass.
+
+    tensors: [(name, ours tensor, peft tensor)] whose gradients to compare (default: every tensor
+    of every LoRA-layer pair in the keymap); what: the gradient row's title (default: named from them).
+    """
     outs = {}
     for side, model in (("ours", pair.ours), ("peft", pair.peft)):
         model.train()
@@ -249,20 +253,20 @@ def check_grads(pair: Pair, batch: dict, tols) -> tuple[Row, Row]:
         out.loss.backward()
         outs[side] = out.logits.detach().float()
     fwd = _row("forward logits (train mode)", *diff(outs["ours"], outs["peft"]), tols["exact"])
-    items, extra = [], set()
-    for path, (mine, theirs) in pair.keymap.items():
-        peft_tensors = adapter_tensors(theirs)
-        for name, a in adapter_tensors(mine).items():
-            b = peft_tensors[name]
-            extra |= {name} - {"lora_A", "lora_B"}
-            if a.grad is None or b.grad is None:
-                missing = "ours" if a.grad is None else "peft"
-                items.append((f"{path}.{name} (no grad on {missing})", float("inf"), float("inf")))
-                continue
-            items.append((f"{path}.{name}", *diff(a.grad, b.grad)))
+    if tensors is None:
+        tensors = [(f"{path}.{name}", a, adapter_tensors(theirs)[name])
+                   for path, (mine, theirs) in pair.keymap.items() for name, a in adapter_tensors(mine).items()]
+        extra = sorted({n.rsplit(".", 1)[-1] for n, _, _ in tensors} - {"lora_A", "lora_B"})
+        what = what or "gradients of every A and B" + "".join(f", {n}" for n in extra)
+    items = []
+    for name, a, b in tensors:
+        if a.grad is None or b.grad is None:
+            missing = "ours" if a.grad is None else "peft"
+            items.append((f"{name} (no grad on {missing})", float("inf"), float("inf")))
+        else:
+            items.append((name, *diff(a.grad, b.grad)))
     a, r, where = _worst(items)
-    also = "".join(f", {n}" for n in sorted(extra))
-    grads = _row(f"gradients of every A and B{also} ({len(items)})", a, r, tols["grad"], where=where)
+    grads = _row(f"{what or 'gradients'} ({len(items)})", a, r, tols["grad"], where=where)
     for model in (pair.ours, pair.peft):
         model.zero_grad(set_to_none=True)
     return fwd, grads

@@ -143,17 +143,9 @@ def _triton_precision_problem(cfg: TrainConfig) -> str | None:
 def _check_writable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise TrainError(f"--output-dir {out} exists and is not a directory; choose another path")
-    anc = out
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise TrainError(f"--output-dir {out} cannot be created: {anc} is a file; choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=anc):
-            pass
-    except OSError as e:
-        raise TrainError(f"--output-dir {out} is not writable ({e.strerror} in {anc}); "
-                         f"choose a writable path") from None
+    why = outputs.unwritable_reason(out)
+    if why:
+        raise TrainError(f"--output-dir {out} {why}; choose a writable path")
 
 
 def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult:
