@@ -133,12 +133,21 @@ def choose(name: str, call: LoraCall) -> Backend:
     if name == "triton":
         raise ValueError(f"backend='triton' cannot run this call: {why}. "
                          "Use backend='auto' to fall back to the torch backend.")
+    _report(why)
+    return TORCH
+
+
+def _report(why: str) -> None:
+    """Once per reason per process, one plain line: on a CPU machine this is expected, not a
+    problem, and a warning with a source line reads as one."""
     if why not in _warned:
-        # Once per reason per process, one plain line: on a CPU machine this is expected, not a
-        # problem, and a warning with a source line reads as one.
         _warned.add(why)
         print(f"kernels: backend 'auto' uses torch ({why})", file=sys.stderr, flush=True)
-    return TORCH
+
+
+# Under torch.compile a call here runs after the compiled graph instead of splitting it (a print or
+# a set lookup while tracing is a graph break in every LoRA layer); it takes one string.
+torch._dynamo.config.reorderable_logging_functions.add(_report)
 
 
 def auto_reason(call: LoraCall) -> Optional[str]:
