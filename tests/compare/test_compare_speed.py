@@ -73,3 +73,28 @@ def test_speed_bad_plot_path(tmp_path, capsys, plot, expect):
     err = capsys.readouterr().err
     assert expect in err and "building" not in err, err
     assert err.count("error:") == 1
+
+
+@pytest.mark.slow
+def test_speed_compile_table_and_json(tmp_path, capsys):
+    """--compile: both sides run compiled; each reports its compile time; memory is not measured."""
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--steps", "2", "--warmup", "1", "--seq", "8", "--compile", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "torch.compile(model, mode='default') on every side" in printed, printed
+    assert "compile time" in printed and "memory: not measured with --compile" in printed, printed
+    by_name = {v["name"]: v for v in json.loads(out.read_text())["variants"]}
+    for name in ("ours-torch", "peft"):
+        assert by_name[name]["compile_s"] > 0 and by_name[name]["memory"] is None
+        assert by_name[name]["optimizer step"]["median_s"] > 0
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--compile", "--memory-breakdown"], "--memory-breakdown show memory"),
+    (["--compile-mode", "max-autotune"], "--compile-mode max-autotune needs --compile"),
+])
+def test_speed_compile_bad_combinations(capsys, argv, expect):
+    assert main(["speed", "--steps", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "building" not in err, err
+    assert err.count("error:") == 1
