@@ -124,8 +124,8 @@ def dequantize_4bit(weight: Quant4bitWeight) -> Tensor:
     return _dequantize_4bit(*flatten(weight))
 
 
-def matmul_4bit(a: Tensor, weight: Quant4bitWeight, transpose: bool, bias: Optional[Tensor] = None,
-                u: Optional[Tensor] = None, up: Optional[Tensor] = None, scaling: float = 1.0) -> Tensor:
+def matmul_4bit(a: Tensor, weight: Quant4bitWeight, transpose: bool, bias: Optional[Tensor],
+                u: Optional[Tensor], up: Optional[Tensor], scaling: float) -> Tensor:
     """a @ W^T [..., N] (transpose; a [..., K]) or a @ W [..., K] (a [..., N]), + bias (in a.dtype),
     + scaling * u @ up (u [..., r], up [r, N or K], both in a.dtype), with W dequantized to a.dtype
     inside `lorafuse::matmul_4bit`.
@@ -134,7 +134,13 @@ def matmul_4bit(a: Tensor, weight: Quant4bitWeight, transpose: bool, bias: Optio
     forward to backward (with a separate dequantization op, AOTAutograd merges the forward's and
     the backward's calls into one and saves W). The u @ up term is accumulated into the product
     in place by the BLAS (one read and write of the output; Inductor's fused add of a separate
-    product reads two [M, N] tensors and the product writes one more)."""
+    product reads two [M, N] tensors and the product writes one more).
+
+    No default values: it runs inside autograd.Functions, and under torch.compile(dynamic=True)
+    Dynamo turns a float it reads from a named place (a default, a module constant) into a graph
+    input that it then fails to pass into the Function's subgraph (torch 2.13: "AssertionError:
+    lift_tracked_freevar_to_input should not be called on root SubgraphTracer"); a literal at the
+    call site stays a constant."""
     return _matmul_4bit(a, transpose, bias, u, up, scaling, *flatten(weight))
 
 

@@ -55,7 +55,9 @@ def dequantize(weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if isinstance(weight, DenseWeight):
         w = weight.weight  # [N, K]
     elif isinstance(weight, Int8Weight):
-        w = weight.CB * weight.SCB.view(-1, 1) * INT8_INV_127  # fp32 [N, K], bnb's order
+        # fp32 [N, K], bnb's order. The literal is INT8_INV_127 (a test checks): the name, read
+        # inside an autograd.Function under torch.compile(dynamic=True), fails (see ops.matmul_4bit)
+        w = weight.CB * weight.SCB.view(-1, 1) * 7.874015718698502e-3
     else:
         w = _dequantize_4bit_f32(weight).to(weight.dtype)  # [N, K], what bnb returns
     return w if dtype is None or w.dtype == dtype else w.to(dtype)

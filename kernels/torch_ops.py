@@ -136,7 +136,7 @@ def _quantized_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> 
         if isinstance(weight, Quant4bitWeight):
             from .ops import matmul_4bit
 
-            return matmul_4bit(x, weight, True, bias)  # [..., N]
+            return matmul_4bit(x, weight, True, bias, None, None, 1.0)  # [..., N]
         return F.linear(x, dequantize(weight, x.dtype), bias)
     w = dequantize(weight, x.dtype)  # [N, K], what bnb's MatMul4Bit multiplies by
     if x.dim() == 2:

@@ -78,3 +78,13 @@ def test_triton_ops_opcheck_and_equal_eager(fmt, dropout_p):
     assert torch.equal(y, want_y)
     for g, t in zip(got, leaves):
         assert torch.equal(g, t.grad)
+
+
+def test_int8_dequantize_literal_is_the_named_constant():
+    """reference.dequantize writes 1/127 as a literal (kernels/ops.py matmul_4bit says why)."""
+    from kernels import reference
+    from kernels.formats.int8 import INT8_INV_127
+
+    weight, _ = make_weight("int8", 64, 128)
+    want = weight.CB * weight.SCB.view(-1, 1) * INT8_INV_127
+    assert torch.equal(reference.dequantize(weight), want)

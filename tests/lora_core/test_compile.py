@@ -152,32 +152,27 @@ class _Counting:
         return gm.forward
 
 
-@pytest.mark.parametrize("whole", [True, False])
-def test_new_sequence_length_does_not_recompile(model_dirs, whole):
-    """torch.compile(model) with the sequence dimension of the inputs marked dynamic: a second and
-    third length reuse the graph. Compiling only the decoder layers (torchtune's pattern), whose
-    inputs are hidden states that no mark reaches: each layer recompiles once, at the first new
-    length, with that dimension dynamic from then on (Dynamo's automatic dynamic shapes), and
-    never again. (dynamic=True on a quantized base: see the README's torch.compile section.)"""
-    model = build("ours", model_dirs["llama"], "llama", "nf4", torch.bfloat16, 0.05, train=True)
+@pytest.mark.parametrize("whole,quantization", [(True, "nf4"), (False, "nf4"), (True, "int8")])
+def test_new_sequence_length_does_not_recompile(model_dirs, whole, quantization):
+    """dynamic=True: a second and third sequence length reuse the graphs, for torch.compile(model)
+    and for compiling only the decoder layers (torchtune's pattern)."""
+    dtype = torch.bfloat16 if quantization == "nf4" else torch.float32
+    model = build("ours", model_dirs["llama"], "llama", quantization, dtype, 0.05, train=True)
     layers = model.base_model.model.layers
     torch._dynamo.reset()
     backend = _Counting()
     if whole:
-        run = torch.compile(model, backend=backend, fullgraph=True)
+        run = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
     else:
         for layer in layers:
-            layer.compile(backend=backend, fullgraph=True)
+            layer.compile(backend=backend, dynamic=True, fullgraph=True)
         run = model
     graphs = []
     for seq in (8, 13, 17):
-        batch = example_inputs("llama", seq=seq)
-        for t in batch.values():
-            torch._dynamo.mark_dynamic(t, 1)  # [batch, seq]
-        run(**batch).loss.backward()
+        run(**example_inputs("llama", seq=seq)).loss.backward()
         graphs.append(backend.graphs)
     n = 1 if whole else len(layers)
-    assert graphs == ([1, 1, 1] if whole else [n, 2 * n, 2 * n]), graphs
+    assert graphs == [n, n, n], graphs
 
 
 @pytest.mark.slow
