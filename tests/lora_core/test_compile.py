@@ -3,7 +3,7 @@ only for new shapes.
 
 Graph breaks are counted with `torch._dynamo.explain` on the loss of a forward (the backward is
 AOTAutograd's, traced from the same graph), for ours and for peft's model on the same base: the
-counts must be equal (a tiny GPT-2 has two breaks of its own in transformers, both sides) and no
+counts must be equal (a tiny GPT-2 has breaks of its own in transformers, on both sides) and no
 break may come from a frame in lora_core/ or kernels/.
 """
 from pathlib import Path
@@ -90,7 +90,7 @@ def test_no_graph_breaks_in_our_layers(model_dirs, case):
                            batch, autocast)
     assert in_ours == [], in_ours
     # the model's own breaks: peft's count less those in peft's layers and the bitsandbytes layers
-    # they call (merged int8: 22 breaks in bnb's int8 matmul)
+    # they call (merged int8: peft's layers run bnb's int8 matmul, which breaks)
     theirs, in_peft = breaks(build("peft", model_dirs[arch], arch, quantization, dtype, p, train, merged, ckpt),
                              batch, autocast, stack=PEFT)
     assert ours == theirs - len(in_peft), (ours, theirs, in_peft)
@@ -115,10 +115,11 @@ def _run(fn, model, batch, train):
     # AOTAutograd runs the same aten ops in the same order, dropout draws included: fp32 equal to
     # the last bits (measured 0)
     ("fp32-p05-train", 1e-6),
-    # bf16 activations: compiled, the LoRA term is accumulated into the 4-bit base product inside
-    # lorafuse::matmul_4bit (kernels/torch_ops.py), one bf16 rounding of y instead of eager's two,
-    # and likewise v @ A into dx; bf16 rounds 2**-8 relative per element (measured 8e-3 on grads)
-    ("nf4-p05-train", 3e-2), ("nf4-checkpointing", 3e-2),
+    # bf16 activations: compiled, the torch backend adds the LoRA term out of place and scales
+    # with plain products (kernels/torch_ops.py: Dynamo refuses mark_dirty), other bf16 roundings
+    # (2**-8 relative each) than eager's in-place adds, compounded through backward (measured 0 on
+    # the loss, <= 2.2e-2 on grads; eager ours vs peft differ by up to 5e-2 on nf4)
+    ("nf4-p05-train", 5e-2), ("nf4-checkpointing", 5e-2),
 ])
 def test_compiled_equals_eager_aot(model_dirs, case, tol):
     """torch.compile with AOTAutograd (backend aot_eager): outputs and LoRA gradients equal eager."""
@@ -179,7 +180,7 @@ def test_new_sequence_length_does_not_recompile(model_dirs, whole, quantization)
 def test_inductor_decoder_layers_max_autotune_equal_eager(model_dirs):
     """Inductor, mode='max-autotune-no-cudagraphs', on the decoder layers only: loss and LoRA
     gradients of an nf4 Llama (fp32 compute, no dropout: Inductor draws its own random bits) equal
-    eager's. Inductor fuses and reorders fp32 sums (measured 2e-7 on the loss, 1e-6 on grads)."""
+    eager's. Inductor fuses and reorders fp32 sums (measured 0 on the loss, 1e-6 on grads)."""
     model = build("ours", model_dirs["llama"], "llama", "nf4", torch.float32, 0.0, train=True)
     batch = example_inputs("llama")
     fn = loss_fn(model)
