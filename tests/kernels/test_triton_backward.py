@@ -1,4 +1,5 @@
-"""Fused Triton backward (kernels/triton/backward.py) against the float64 spec: dx, dA, dB.
+"""The Triton backward strategies against the float64 spec: dx, dA, dB from "fused"
+(kernels/triton/backward.py) and "dequant-mm" (mm.py) on the same cases.
 
 u (the forward's thin saved activation) is the float64 spec's, handed to both sides, so this file
 tests the backward alone. Ground truth and tolerance: builders.py.
@@ -29,8 +30,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("strategy", ["fused", "dequant-mm"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_backward_matches_reference(case):
+def test_backward_matches_reference(case, strategy):
     _, fmt, (M, K, N), dt, r, p, needs_dx, lora_dt, wopts = case
     weight, W64 = make_weight(fmt, N, K, **wopts)
     A, B = make_lora(N, K, r, dtype=lora_dt)
@@ -41,7 +43,7 @@ def test_backward_matches_reference(case):
     u = u64.float()  # what the fused forward hands over (fp32)
     dx_out = poisoned((M, K), dt) if needs_dx else None
 
-    dx, dA, dB = triton_backward(g, x, u, weight, A, B, s, p, seed, needs_dx, dx_out=dx_out)
+    dx, dA, dB = triton_backward(g, x, u, weight, A, B, s, p, seed, needs_dx, dx_out=dx_out, strategy=strategy)
 
     (dx_r, dA_r, dB_r), (mdx, mdA, mdB) = ref_backward(g, x, u.double(), W64, A, B, s, p, seed,
                                                        needs_dx)
@@ -56,12 +58,14 @@ def test_backward_matches_reference(case):
         assert dx is None
 
 
-def test_backward_base_only():
+@pytest.mark.parametrize("strategy", ["fused", "dequant-mm"])
+def test_backward_base_only(strategy):
     """A = B = None: dx = g @ deq(W) only."""
     M, K, N = SMALL
     weight, W64 = make_weight("nf4", N, K)
     x, g = rand((M, K), torch.bfloat16), rand((M, N), torch.bfloat16, seed=4)
-    dx, dA, dB = triton_backward(g, x, None, weight, None, None, 1.0, dx_out=poisoned((M, K), x.dtype))
+    dx, dA, dB = triton_backward(g, x, None, weight, None, None, 1.0, dx_out=poisoned((M, K), x.dtype),
+                                 strategy=strategy)
     assert dA is None and dB is None
     ref = g.double() @ W64
     mag = g.double().abs() @ W64.abs()
