@@ -177,11 +177,15 @@ def lora_down_kernel(
     tl.atomic_add(u_ptrs, acc * keep_scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
 
 
-def _down_grid(M: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, K per program): 4 K tiles per program on a GPU, so small M fills it too."""
-    bm = 16 if M <= 16 else (32 if interpreting() else 64)
-    bk = 64 if interpreting() else 128
-    return bm, bk, bk * (1 if interpreting() else 4)
+def _down_grid(M: int, R: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, K per program, warps): 4 K tiles per program on a GPU, so small M fills it
+    too; at R = 128 eight warps share the [BLOCK_M, R] accumulator and a 64-wide K tile (4 warps
+    spill there: benchmarks/aot_compile.py)."""
+    if interpreting():
+        return (16 if M <= 16 else 32), 64, 64, 4
+    bm = 16 if M <= 16 else 64
+    bk, warps = (64, 8) if R >= 128 else (128, 4)
+    return bm, bk, 4 * bk, warps
 
 
 def down_projection(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor],
@@ -190,14 +194,15 @@ def down_projection(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed: Op
     Split over K, fp32 atomics into `u` (zeroed here)."""
     M, K = x.shape
     r = A.shape[0]
-    bm, bk, k_per = _down_grid(M)
+    R = configs.rank_block(r)
+    bm, bk, k_per, warps = _down_grid(M, R)
     u.zero_()  # atomics target
     lora_down_kernel[(triton.cdiv(M, bm), triton.cdiv(K, k_per))](
         x, A, u, x if seed is None else seed,
         M, K, r, k_per,
         x.stride(0), A.stride(0), A.stride(1), u.stride(0),
         1.0 / (1.0 - dropout_p), float(dropout_p),
-        DROPOUT=dropout_p > 0, R=configs.rank_block(r), BLOCK_M=bm, BLOCK_K=bk,
-        num_warps=4,
+        DROPOUT=dropout_p > 0, R=R, BLOCK_M=bm, BLOCK_K=bk,
+        num_warps=warps,
     )
     return u

@@ -80,9 +80,9 @@ def choose(pass_: str, M: int, weight, r: int, x: torch.Tensor, dropout_p: float
     choice = strategy.choose(pass_, M, wa.N, wa.K, r, wa.fmt, x.element_size(), dropout_p > 0, needs_dx)
     if choice.strategy == "fused" and not _some_config_fits(pass_, configs.rank_block(max(r, 1)),
                                                              smem_limit(x.device)):
-        rest = [t for t in choice.predicted_us if t[0] != "fused"]
+        rest = [t for t in choice.predicted_us if t[0] in strategy.AUTO[pass_]]
         choice = strategy.Choice(min(rest, key=lambda t: t[1])[0], "no fused config fits the shared memory at "
-                                 f"rank {r}; next fastest predicted", choice.predicted_us)
+                                 f"rank {r}; fastest predicted of the others", choice.predicted_us)
     return choice
 
 

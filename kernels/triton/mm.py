@@ -143,13 +143,18 @@ def lora_grad_in_kernel(
         tl.store(row_ptrs(dx_ptr, offs_m, stride_dxm) + offs_k[None, :], cvt(lora, ACT), mask=mk_mask)
 
 
-# (BLOCK_M, BLOCK_N or BLOCK_K, warps) of the three LoRA kernels; the interpreter's are small
-GPU_TILES = {"up": (64, 128, 4), "grad_out": (64, 64, 4), "grad_in": (64, 64, 4)}
+# (BLOCK_M, BLOCK_N or BLOCK_K, warps) of the three LoRA kernels, for R <= 64 and R = 128 (where
+# grad_out's two [BLOCK_M, R] / [BLOCK_N, R] accumulators spill with 4 warps:
+# benchmarks/aot_compile.py); the interpreter's are small
+GPU_TILES = {"up": ((64, 128, 4), (64, 128, 4)), "grad_out": ((64, 64, 4), (64, 64, 8)),
+             "grad_in": ((64, 64, 4), (64, 64, 4))}
 INTERPRETER_TILES = {"up": (16, 32, 4), "grad_out": (16, 32, 4), "grad_in": (16, 32, 4)}
 
 
-def tiles(kernel: str) -> tuple[int, int, int]:
-    return (INTERPRETER_TILES if interpreting() else GPU_TILES)[kernel]
+def tiles(kernel: str, R: int) -> tuple[int, int, int]:
+    if interpreting():
+        return INTERPRETER_TILES[kernel]
+    return GPU_TILES[kernel][R >= 128]
 
 
 def mm_forward(x: torch.Tensor, weight, bias: Optional[torch.Tensor], A: Optional[torch.Tensor],
@@ -166,7 +171,7 @@ def mm_forward(x: torch.Tensor, weight, bias: Optional[torch.Tensor], A: Optiona
     if r:
         u = torch.empty((M, r), dtype=torch.float32, device=x.device) if u_out is None else u_out
         down_projection(x, A, dropout_p, seed, u)
-        bm, bn, warps = tiles("up")
+        bm, bn, warps = tiles("up", configs.rank_block(r))
         lora_up_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
             y, u, B, y if bias is None else bias,
             M, N, r,
@@ -197,7 +202,7 @@ def mm_backward(g: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor], wei
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if dx_out is None else dx_out
     if r and M:
         R = configs.rank_block(r)
-        bm, bn, warps = tiles("grad_out")
+        bm, bn, warps = tiles("grad_out", R)
         S = n_splits or max(1, min(triton.cdiv(2 * sm_count(x.device), triton.cdiv(M, bm)), triton.cdiv(N, 4 * bn)))
         n_per = triton.cdiv(triton.cdiv(N, S), bn) * bn
         S = triton.cdiv(N, n_per)
@@ -210,7 +215,7 @@ def mm_backward(g: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor], wei
             float(scaling),
             R=R, ATOMIC_V=S > 1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
         dA = torch.zeros((r, K), dtype=torch.float32, device=x.device)
-        bm, bk, warps = tiles("grad_in")
+        bm, bk, warps = tiles("grad_in", R)
         lora_grad_in_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bk),)](
             x, v, A, x if dx is None else dx, dA, x if seed is None else seed,
             M, K, r,

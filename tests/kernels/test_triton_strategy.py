@@ -38,8 +38,8 @@ def test_auto_takes_the_fastest_prediction(K, N):
         for M in (1, 16, 64, 512, 4096, 8192):
             choice = _choose(pass_, M, K, N)
             times = dict(choice.predicted_us)
-            assert set(times) == set(strategy.STRATEGIES[pass_])
-            assert times[choice.strategy] == min(times.values()), (pass_, M, choice)
+            assert set(times) == set(strategy.STRATEGIES[pass_])  # "fused" predicted too, for the report
+            assert times[choice.strategy] == min(times[s] for s in strategy.AUTO[pass_]), (pass_, M, choice)
             assert choice == _choose(pass_, M, K, N)  # deterministic
 
 
