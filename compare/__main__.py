@@ -60,6 +60,12 @@ def _model_flags(p: argparse.ArgumentParser, kernel: bool = True) -> None:
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module name suffixes, or 'all-linear' "
                         "(default: the per-architecture default, same rule as peft)")
+    p.add_argument("--use-dora", action="store_true", help="DoRA on both sides (peft's use_dora)")
+    p.add_argument("--use-rslora", action="store_true", help="rsLoRA scaling lora_alpha / sqrt(r), both sides")
+    p.add_argument("--lora-bias", action="store_true", help="a bias on lora_B, both sides (peft's lora_bias)")
+    p.add_argument("--init-lora-weights", default="true", metavar="INIT",
+                   help="peft's init_lora_weights on both sides: true, false, gaussian, orthogonal, pissa, "
+                        "pissa_niter_<N>, olora (loftq: CUDA only, as peft's) (default: true)")
     _num(p, "--batch", int, 2, "sequences per batch", gt=0)
     _num(p, "--seq", int, 16, "tokens per sequence", ge=2)
     _num(p, "--seed", int, 0, "seed of the LoRA weights", ge=0, le=2**32 - 1)
@@ -78,7 +84,8 @@ def _spec(args):
     return ModelSpec(model=args.model, quantization=args.quantization, dtype=dtype,
                      r=args.r, lora_alpha=args.lora_alpha, target_modules=tm,
                      kernel=kernel, batch=args.batch, seq=args.seq,
-                     seed=args.seed)
+                     seed=args.seed, use_dora=args.use_dora, use_rslora=args.use_rslora,
+                     lora_bias=args.lora_bias, init_lora_weights=args.init_lora_weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +167,9 @@ def _print_summary(out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from train.quiet import quiet_start
+
+    quiet_start()  # before anything imports bitsandbytes
     _prepare_triton_interpreter(argv)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from . import models
-from .models import ModelSpec, Pair, build_pair, example_batch, lora_params, lora_state, lora_weights
+from .models import ModelSpec, Pair, adapter_tensors, build_pair, example_batch, lora_params, lora_state
 from .report import Row, diff, row_dict, table
 
 
@@ -90,9 +90,18 @@ def tolerances(spec: ModelSpec, device: str = "cpu") -> dict[str, tuple[float, s
     else:
         grad = (exact[0] * 2, f"gradients pass back through every {spec.dtype} layer and its roundings: "
                               "2x the forward's tolerance (measured 1.9e-2 to 3.1e-2 on the tiny default)")
+    if spec.dtype != "float32" and spec.use_dora:
+        init_tol = (2e-2, f"peft computes DoRA's initial norm ||W + s B A|| in {spec.dtype} (its A and B "
+                          "already rounded to it), ours in fp32 rounded once: a few ulps (measured 6e-3 in bf16)")
+    elif spec.dtype != "float32":
+        init_tol = (2 ** -8, f"peft rounds every adapter init to the {spec.dtype} compute dtype before "
+                             "upcasting it to fp32 (ours keeps the fp32 values): one rounding apart")
+    else:
+        init_tol = (1e-6, "the same draws from the same seed and the same fp32 factorizations of the same "
+                          "base (measured 0 on the tiny Llama)")
     return {"exact": exact, "inference": infer, "grad": grad,
             "merged_weights": merged_w, "merged_outputs": merged_out, "trajectory": traj,
-            "count": (0.0, "integer counts: exact")}
+            "count": (0.0, "integer counts: exact"), "init": init_tol}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +239,12 @@ def check_counts(pair: Pair, tol) -> Row:
                detail={"ours": [int(ours_t), int(ours_all)], "peft": [int(peft_t), int(peft_all)]})
 
 
-def check_grads(pair: Pair, batch: dict, tols) -> tuple[Row, Row]:
-    """Forward logits (exact mode) and the gradient of every A and B from one train-mode pass."""
+def check_grads(pair: Pair, batch: dict, tols, tensors=None, what: Optional[str] = None) -> tuple[Row, Row]:
+    """Forward logits (exact mode) and the gradient of every adapter tensor from one train-mode pass.
+
+    tensors: [(name, ours tensor, peft tensor)] whose gradients to compare (default: every tensor
+    of every LoRA-layer pair in the keymap); what: the gradient row's title (default: named from them).
+    """
     outs = {}
     for side, model in (("ours", pair.ours), ("peft", pair.peft)):
         model.train()
@@ -240,16 +253,20 @@ def check_grads(pair: Pair, batch: dict, tols) -> tuple[Row, Row]:
         out.loss.backward()
         outs[side] = out.logits.detach().float()
     fwd = _row("forward logits (train mode)", *diff(outs["ours"], outs["peft"]), tols["exact"])
+    if tensors is None:
+        tensors = [(f"{path}.{name}", a, adapter_tensors(theirs)[name])
+                   for path, (mine, theirs) in pair.keymap.items() for name, a in adapter_tensors(mine).items()]
+        extra = sorted({n.rsplit(".", 1)[-1] for n, _, _ in tensors} - {"lora_A", "lora_B"})
+        what = what or "gradients of every A and B" + "".join(f", {n}" for n in extra)
     items = []
-    for path, (mine, theirs) in pair.keymap.items():
-        for name, a, b in zip(("lora_A", "lora_B"), lora_weights(mine), lora_weights(theirs)):
-            if a.grad is None or b.grad is None:
-                missing = "ours" if a.grad is None else "peft"
-                items.append((f"{path}.{name} (no grad on {missing})", float("inf"), float("inf")))
-                continue
-            items.append((f"{path}.{name}", *diff(a.grad, b.grad)))
+    for name, a, b in tensors:
+        if a.grad is None or b.grad is None:
+            missing = "ours" if a.grad is None else "peft"
+            items.append((f"{name} (no grad on {missing})", float("inf"), float("inf")))
+        else:
+            items.append((name, *diff(a.grad, b.grad)))
     a, r, where = _worst(items)
-    grads = _row(f"gradients of every A and B ({len(items)})", a, r, tols["grad"], where=where)
+    grads = _row(f"{what or 'gradients'} ({len(items)})", a, r, tols["grad"], where=where)
     for model in (pair.ours, pair.peft):
         model.zero_grad(set_to_none=True)
     return fwd, grads
@@ -332,30 +349,35 @@ def check_adapter_files(pair: Pair, spec: ModelSpec, batch: dict, tol, tmp: Path
     pair.ours.save_pretrained(str(ours_dir))
     pair.peft.save_pretrained(str(peft_dir))
 
+    # each load re-runs the adapter's init first (a PiSSA / OLoRA residual; pissa_niter draws): from
+    # the seed the pair was built with, so both rebuild the writer's base
+    torch.manual_seed(spec.seed)
     loaded_p = peft.PeftModel.from_pretrained(models.load_base(spec), str(ours_dir))
     no_dropout(loaded_p)
-    row_p = _file_row("our adapter file -> peft", {p: lora_weights(m) for p, (m, _) in pair.keymap.items()},
+    row_p = _file_row("our adapter file -> peft", {p: adapter_tensors(m) for p, (m, _) in pair.keymap.items()},
                       models.peft_lora_layers(loaded_p), loaded_p, pair.ours, batch, tol)
 
+    torch.manual_seed(spec.seed)
     loaded_o = lora_core.LoraModel.from_pretrained(models.load_base(spec), str(peft_dir))
     loaded_o.set_kernel(spec.kernel)
     no_dropout(loaded_o)
-    row_o = _file_row("peft adapter file -> ours", {p: lora_weights(t) for p, (_, t) in pair.keymap.items()},
+    row_o = _file_row("peft adapter file -> ours", {p: adapter_tensors(t) for p, (_, t) in pair.keymap.items()},
                       dict(loaded_o.lora_layers()), loaded_o, pair.peft, batch, tol)
     return row_p, row_o
 
 
 def _file_row(name: str, written: dict, loaded_layers: dict, loaded, writer, batch: dict, tol) -> Row:
     """One round-trip row: the loaded model's logits against the writer's (exact mode), failing
-    outright unless every LoRA tensor came back bit for bit. written: {path: (A, B)} of the writer;
-    loaded_layers: {path: layer} of the loaded model."""
+    outright unless every adapter tensor came back bit for bit. written: {path: {name: tensor}} of
+    the writer (adapter_tensors); loaded_layers: {path: layer} of the loaded model."""
     tensors = {}
-    for path, (A, B) in written.items():
+    for path, mine in written.items():
         if path not in loaded_layers:
             tensors[f"{path} (missing after loading)"] = (torch.ones(1), torch.zeros(1) + float("inf"))
             continue
-        A2, B2 = lora_weights(loaded_layers[path])
-        tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = (A2, A), (B2, B)
+        back = adapter_tensors(loaded_layers[path])
+        for key, t in mine.items():
+            tensors[f"{path}.{key}"] = (back.get(key, torch.full_like(t, float("inf"))), t)
     t_diff, t_where = _same_tensors(tensors)
     a, r = diff(logits_of(loaded, batch, "exact"), logits_of(writer, batch, "exact"))
     row = _row(name, a, r, tol,
@@ -377,10 +399,17 @@ def check_merge(pair: Pair, batch: dict, tols, quantization: str) -> tuple[Row, 
     keys = list(pair.keymap)
     exact_merge = {}
     if quantization != "none":
-        for path, (_, theirs) in pair.keymap.items():  # M = W + s*B@A in fp32, peft's scaling
-            A, B = (t.float() for t in lora_weights(theirs))
-            exact_merge[path] = (dense_weight(theirs.get_base_layer())
-                                 + theirs.scaling["default"] * (B @ A)).detach()
+        for path, (mine, theirs) in pair.keymap.items():
+            # M = W + s*B@A in fp32 (DoRA: f * (W + s*B@A), f = m / ||W + s*B@A|| per row), from
+            # peft's W and the adapter tensors both sides share
+            W = dense_weight(theirs.get_base_layer())
+            adapter = mine.adapters["default"]
+            f = adapter.merge_scale(W) if getattr(adapter, "needs_base", False) else None
+            merged = W + adapter.delta_weight()
+            exact_merge[path] = (merged if f is None else f[:, None] * merged).detach()
+    refused = _merge_refusals(pair)
+    if refused is not None:
+        return refused
     m_ours = pair.ours.merge_and_unload()
     m_peft = pair.peft.merge_and_unload()
     items, detail = [], {}
@@ -404,6 +433,43 @@ def check_merge(pair: Pair, batch: dict, tols, quantization: str) -> tuple[Row, 
     return w_row, o_row
 
 
+def _merge_refusals(pair: Pair) -> Optional[tuple[Row, Row]]:
+    """When the adapter cannot be merged (lora_bias on layers without a base bias), both sides must
+    refuse, and ours with nothing changed: two rows saying so; None when it can be merged."""
+    layers = pair.ours.lora_layers()
+    problem = None
+    for m in layers.values():
+        try:
+            m.mergeable(["default"])
+        except ValueError as e:  # a method or variant that cannot be merged here
+            problem = str(e)
+            break
+    if problem is None:
+        return None
+    before = {p: dense_weight(m.base_layer) for p, m in layers.items()}
+    try:
+        pair.ours.merge_adapter()
+        ours_refused = False
+    except ValueError:
+        ours_refused = not any(m.merged for m in layers.values()) and all(
+            torch.equal(dense_weight(m.base_layer), before[p]) for p, m in layers.items())
+    try:
+        pair.peft.merge_adapter()
+        peft_refused = False
+    except Exception:  # peft refuses with RuntimeError (dense) or fails on None (bnb 4-bit)
+        peft_refused = True
+    ok = ours_refused and peft_refused
+    why = (0.0, "the adapter cannot be merged here: both sides must refuse (ours with nothing changed)")
+    rows = []
+    for check in ("merged weights", "merged outputs"):
+        row = _row(f"{check}: merge refused on both sides", 0.0 if ok else 1.0, 0.0 if ok else 1.0, why,
+                   where=problem[:90] if ok else f"ours refused: {ours_refused}, peft refused: "
+                                                                 f"{peft_refused}")
+        row.ok = ok
+        rows.append(row)
+    return rows[0], rows[1]
+
+
 SECOND = "second"  # the name of the second adapter in the multi-adapter rows
 
 
@@ -413,7 +479,8 @@ def add_second_adapter(pair: Pair, spec: ModelSpec, seed: int) -> dict:
     import lora_core
     import peft
 
-    cfg = dict(r=2 * spec.r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+    cfg = dict(r=2 * spec.r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+               **spec.variant_kwargs())
     torch.manual_seed(seed)
     pair.ours.add_adapter(SECOND, lora_core.LoraConfig(**cfg))
     torch.manual_seed(seed)
@@ -443,7 +510,10 @@ def check_mixed_batch(pair: Pair, spec: ModelSpec, tol) -> Row:
     for side, model in (("ours", pair.ours), ("peft", pair.peft)):
         model.eval()
         with torch.no_grad():
-            outs[side] = model(**batch, adapter_names=names).logits.float()
+            if side == "peft" and spec.use_dora:  # peft refuses adapter_names with DoRA: row by row
+                outs[side] = torch.cat([_one_row(model, batch["input_ids"][i:i + 1], n) for i, n in enumerate(names)])
+            else:
+                outs[side] = model(**batch, adapter_names=names).logits.float()
     with torch.no_grad(), pair.ours.disable_adapter():
         base = pair.ours(**batch).logits.float()
     base_diff = (outs["ours"][2] - base[2]).abs().max().item()
@@ -452,6 +522,32 @@ def check_mixed_batch(pair: Pair, spec: ModelSpec, tol) -> Row:
                       f"base row differs from the base model by {base_diff:.3g}"))
     row.ok = row.ok and base_diff == 0
     return row
+
+
+def _one_row(model, ids: torch.Tensor, name: str) -> torch.Tensor:
+    """Logits of one row with adapter `name` alone ("__base__": adapters off)."""
+    if name == "__base__":
+        with model.disable_adapter():
+            return model(input_ids=ids).logits.float()
+    model.set_adapter(name)
+    return model(input_ids=ids).logits.float()
+
+
+def check_init(spec: ModelSpec, tol) -> Row:
+    """A pair built from the same seed, before any weights are copied in: every adapter tensor and
+    every LoRA layer's base weight (the residual a PiSSA / OLoRA init wrote) as peft's."""
+    pair = build_pair(spec, keep_init=True)
+    items = []
+    for path, (mine, theirs) in pair.keymap.items():
+        peft_tensors = adapter_tensors(theirs)
+        for name, t in adapter_tensors(mine).items():
+            items.append((f"{path}.{name}", *diff(t, peft_tensors[name])))
+        items.append((f"{path}.base weight", *diff(dense_weight(mine.base_layer),
+                                                      dense_weight(theirs.get_base_layer()))))
+    a, r, where = _worst(items)
+    init = spec.variant_kwargs()["init_lora_weights"]
+    return _row(f"init {init!r} from the same seed: adapter tensors and base weights ({len(items)})", a, r, tol,
+                where=where)
 
 
 def probe_kernel(model, batch: dict, spec: ModelSpec) -> None:
@@ -499,6 +595,7 @@ def run_equivalence(spec: ModelSpec, steps: int = 4, progress: Optional[Callable
     batch = example_batch(pair.ours.base_model, spec)
     probe_kernel(pair.ours, batch, spec)
     report.rows.append(check_counts(pair, tols["count"]))
+    report.rows.append(check_init(spec, tols["init"]))
     a, r = diff(logits_of(pair.ours, batch, "inference"), logits_of(pair.peft, batch, "inference"))
     infer_row = _row("forward logits (inference: eval, no_grad)", a, r, tols["inference"])
     del pair

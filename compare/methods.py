@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from . import models
-from .equivalence import Report, _row, _worst, check_counts, logits_of, no_dropout, tolerances
+from .equivalence import Report, _row, check_counts, check_grads, logits_of, no_dropout, tolerances
 from .models import CompareError, ModelSpec, Pair, example_batch, load_base
 from .report import Row, diff
 
@@ -101,27 +101,6 @@ def check_init(pair: Pair) -> Row:
                0.0, ok=pair.same_init, reason="the same seed must draw the same initial tensors in the same "
                                               "order (before the perturbation): exact",
                where="every trainable tensor equal" if pair.same_init else "the draws differ")
-
-
-def check_grads(pair: Pair, batch: dict, tols) -> tuple[Row, Row]:
-    outs = {}
-    for side, model in (("ours", pair.ours), ("peft", pair.peft)):
-        model.train()
-        model.zero_grad(set_to_none=True)
-        out = model(**batch)
-        out.loss.backward()
-        outs[side] = out.logits.detach().float()
-    fwd = _row("forward logits (train mode)", *diff(outs["ours"], outs["peft"]), tols["exact"])
-    items = []
-    for name, (p, q) in pair.keymap.items():
-        if p.grad is None or q.grad is None:
-            items.append((f"{name} (no grad on {'ours' if p.grad is None else 'peft'})", float("inf"), float("inf")))
-        else:
-            items.append((name, *diff(p.grad, q.grad)))
-    a, r, where = _worst(items)
-    for model in (pair.ours, pair.peft):
-        model.zero_grad(set_to_none=True)
-    return fwd, _row(f"gradients of every trainable tensor ({len(items)})", a, r, tols["grad"], where=where)
 
 
 def check_trajectory(pair: Pair, batches: list[dict], tol, allocate: bool, lr: float = 1e-3) -> list[Row]:
@@ -230,7 +209,8 @@ def run_method_equivalence(spec: ModelSpec, method: str, steps: int = 4,
 
     say("gradients, training trajectory and files")
     pair = _tampered(build_method_pair(spec, method, steps, state), tamper)
-    fwd, grads = check_grads(pair, batch, tols)
+    fwd, grads = check_grads(pair, batch, tols, [(n, p, q) for n, (p, q) in pair.keymap.items()],
+                             "gradients of every trainable tensor")
     report.rows += [fwd, infer, grads]
     batches = [example_batch(pair.ours.base_model, spec, seed=100 + i) for i in range(steps)]
     report.rows += check_trajectory(pair, batches, tols["trajectory"], allocate=(method == "adalora"))

@@ -41,6 +41,21 @@ class ModelSpec:
     batch: int = 2
     seq: int = 16
     seed: int = 0
+    # LoRA variants, peft's LoraConfig fields (init_lora_weights as on a command line: "true", "false",
+    # "gaussian", "orthogonal", "pissa", "pissa_niter_<N>", "olora", "loftq")
+    use_dora: bool = False
+    use_rslora: bool = False
+    lora_bias: bool = False
+    init_lora_weights: str = "true"
+
+    def variant_kwargs(self) -> dict:
+        """The variant fields as both LoraConfigs take them."""
+        init = {"true": True, "false": False}.get(str(self.init_lora_weights).lower(), self.init_lora_weights)
+        out = {"use_dora": self.use_dora, "use_rslora": self.use_rslora, "lora_bias": self.lora_bias,
+               "init_lora_weights": init}
+        if init == "loftq":
+            out["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+        return out
 
     def validate(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -54,6 +69,30 @@ class ModelSpec:
         if self.batch <= 0 or self.seq <= 1:
             raise CompareError(f"need batch >= 1 and seq >= 2, got batch={self.batch} seq={self.seq}")
         check_kernel_available(self.kernel)
+        import lora_core
+
+        try:  # the variant rules (lora_bias with init true/false and without DoRA, even r, ...)
+            lora_core.LoraConfig(r=self.r, **self.variant_kwargs())
+        except ValueError as e:
+            raise CompareError(f"lora_core refused this configuration: {str(e).splitlines()[0]}") from None
+        peft_cannot = self.peft_limitation()
+        if peft_cannot:
+            raise CompareError(f"nothing to compare with: {peft_cannot}")
+
+    def peft_limitation(self) -> Optional[str]:
+        """Why peft 0.21 cannot run this variant here (lorafuse can; its tests say how), or None."""
+        init = self.variant_kwargs()["init_lora_weights"]
+        cpu = not torch.cuda.is_available()
+        if init == "loftq" and cpu:
+            return "peft's LoftQ init quantizes on CUDA only (lorafuse's runs on CPU: lora_core.init)"
+        if self.quantization != "none" and isinstance(init, str) and init.startswith("pissa"):
+            return "peft's PiSSA refuses quantized bases (lorafuse re-quantizes the residual, as peft's OLoRA does)"
+        if self.quantization != "none" and init == "orthogonal":
+            return "peft's orthogonal init casts A and B to the base weight's dtype, uint8 for bitsandbytes"
+        if self.quantization == "int8" and self.use_dora and cpu:
+            return ("peft's DoRA on an int8 base fails on CPU (dequantizing moves the weight and drops its SCB); "
+                    "tests/lora_core/test_dora.py compares ours with peft on the dequantized weights")
+        return None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -189,14 +228,14 @@ def our_config(spec: ModelSpec):
     import lora_core
 
     return lora_core.LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                                target_modules=spec.target_modules)
+                                target_modules=spec.target_modules, **spec.variant_kwargs())
 
 
 def peft_config(spec: ModelSpec):
     import peft
 
     return peft.LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                           target_modules=spec.target_modules)
+                           target_modules=spec.target_modules, **spec.variant_kwargs())
 
 
 def peft_lora_layers(peft_model) -> dict:
@@ -227,44 +266,80 @@ def lora_weights(layer, adapter: str = "default") -> tuple[torch.Tensor, torch.T
     return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
 
 
+def adapter_tensors(layer, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Every tensor of one adapter of a LoRA layer, ours or peft's, by peft's short name: lora_A
+    [r, in], lora_B [out, r], and with the variants lora_B.bias [out] (lora_bias) and
+    lora_magnitude_vector [out] (DoRA; ours on the adapter, peft's in its DoRA layer's .weight)."""
+    A, B = lora_weights(layer, adapter)
+    out = {"lora_A": A, "lora_B": B}
+    if layer.lora_B[adapter].bias is not None:
+        out["lora_B.bias"] = layer.lora_B[adapter].bias
+    if hasattr(layer, "adapters"):
+        magnitude = getattr(layer.adapters[adapter], "lora_magnitude_vector", None)
+    else:
+        dora = getattr(layer, "lora_magnitude_vector", {})
+        magnitude = dora[adapter].weight if adapter in dora else None
+    if magnitude is not None:
+        out["lora_magnitude_vector"] = magnitude
+    return out
+
+
 @torch.no_grad()
 def seed_lora_weights(keymap: dict, seed: int, adapter: str = "default") -> None:
-    """Give every pair the same A and B from a fixed seed; B is non-zero so the LoRA branch matters.
+    """Give every pair the same adapter tensors from a fixed seed; B is non-zero so the LoRA branch
+    matters.
 
     A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (the scale of nn.Linear's default init);
-    B [out, r] ~ N(0, 0.02^2): big enough that a wrong scaling shows, small enough to stay stable.
+    B [out, r] ~ N(0, 0.02^2): big enough that a wrong scaling shows, small enough to stay stable;
+    lora_B.bias ~ N(0, 0.02^2); DoRA's magnitude: its init (||W|| per row, the same on both sides)
+    times 1 + N(0, 0.05^2), so that the magnitude matters too.
     """
     g = torch.Generator().manual_seed(seed)
     for path, (mine, theirs) in keymap.items():
-        a, b = lora_weights(mine, adapter)
+        tensors = adapter_tensors(mine, adapter)
+        a, b = tensors["lora_A"], tensors["lora_B"]
         bound = 1.0 / a.shape[1] ** 0.5
-        a_val = (torch.rand(a.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
-        b_val = torch.randn(b.shape, generator=g, dtype=torch.float32) * 0.02
-        copy_lora(mine, theirs, a_val, b_val, adapter)
+        values = {"lora_A": (torch.rand(a.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound,
+                  "lora_B": torch.randn(b.shape, generator=g, dtype=torch.float32) * 0.02}
+        if "lora_B.bias" in tensors:
+            values["lora_B.bias"] = torch.randn(b.shape[0], generator=g) * 0.02
+        if "lora_magnitude_vector" in tensors:
+            values["lora_magnitude_vector"] = tensors["lora_magnitude_vector"].float() * (
+                1 + 0.05 * torch.randn(b.shape[0], generator=g))
+        copy_adapter(mine, theirs, values, adapter)
 
 
 @torch.no_grad()
-def copy_lora(mine, theirs, a_val: torch.Tensor, b_val: torch.Tensor, adapter: str = "default") -> None:
-    """Write A [r, in] and B [out, r] into one adapter of our layer and of peft's."""
-    (ma, mb), (pa, pb) = lora_weights(mine, adapter), lora_weights(theirs, adapter)
-    for dst, src in ((ma, a_val), (mb, b_val), (pa, a_val), (pb, b_val)):
-        if dst.shape != src.shape:
-            raise CompareError(f"LoRA weight shape mismatch: {tuple(dst.shape)} vs {tuple(src.shape)}")
-        dst.copy_(src.to(dst.dtype))
+def copy_adapter(mine, theirs, values: dict[str, torch.Tensor], adapter: str = "default") -> None:
+    """Write `values` ({peft short name: tensor}, see adapter_tensors) into one adapter of our layer
+    and of peft's."""
+    for layer in (mine, theirs):
+        tensors = adapter_tensors(layer, adapter)
+        if set(tensors) != set(values):
+            raise CompareError(f"adapter tensors differ: {sorted(tensors)} vs {sorted(values)}")
+        for name, src in values.items():
+            dst = tensors[name]
+            if dst.shape != src.shape:
+                raise CompareError(f"{name} shape mismatch: {tuple(dst.shape)} vs {tuple(src.shape)}")
+            dst.copy_(src.to(dst.dtype))
 
 
 def lora_state(keymap: dict) -> dict:
-    """{path: (A, B)} cloned from our layers: the weights to carry into a fresh pair."""
-    return {p: tuple(t.detach().float().clone() for t in lora_weights(m)) for p, (m, _) in keymap.items()}
+    """{path: {name: tensor}} cloned from our layers: the adapter tensors to carry into a fresh pair."""
+    return {p: {n: t.detach().float().clone() for n, t in adapter_tensors(m).items()} for p, (m, _) in keymap.items()}
 
 
-def build_pair(spec: ModelSpec, lora_weights: Optional[dict] = None) -> Pair:
+def build_pair(spec: ModelSpec, lora_weights: Optional[dict] = None, keep_init: bool = False) -> Pair:
     """Load the base twice, wrap with ours and peft, and give both the same LoRA weights.
 
-    lora_weights: {path: (A, B)} to copy in; None = seeded non-zero weights (`seed_lora_weights`).
+    lora_weights: {path: {name: tensor}} (`lora_state`) to copy in; None = seeded non-zero weights
+    (`seed_lora_weights`). With a data-dependent init (PiSSA, OLoRA) both bases hold the residual
+    their init wrote; the weights copied in then replace A and B on both sides alike. keep_init:
+    copy nothing in (each side keeps what its own init drew from the seed).
     """
     import lora_core
     import peft
+    from lora_core.config import DATA_INITS, init_kind
 
     base_ours, base_peft = load_base(spec), load_base(spec)
     try:
@@ -278,15 +353,28 @@ def build_pair(spec: ModelSpec, lora_weights: Optional[dict] = None) -> Pair:
         theirs = peft.get_peft_model(base_peft, peft_config(spec))
     except ValueError as e:
         raise CompareError(f"peft refused this configuration: {e}") from None
+    if spec.use_dora and spec.quantization in ("nf4", "fp4") and not torch.cuda.is_available():
+        # bitsandbytes' eval-mode CPU path repacks 4-bit weights in place, and peft's DoRA then
+        # dequantizes that storage as the standard layout: a wrong W (logits 37 % off on the tiny
+        # default). Switched off on peft's side so the rows compare DoRA, not that bug.
+        for m in theirs.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+    if spec.quantization == "int8" and init_kind(spec.variant_kwargs()["init_lora_weights"]) in DATA_INITS:
+        # peft's OLoRA dequantizes the int8 base, which caches the old SCB in the layer's state, then
+        # installs a re-quantized weight: until a forward refreshes that state, a merge or a second
+        # init would read the new codes with the old scales. One forward on peft's side refreshes it.
+        with torch.no_grad():
+            theirs(input_ids=torch.ones(1, 2, dtype=torch.long, device=next(theirs.parameters()).device))
     keymap = make_keymap(ours, theirs)
-    if lora_weights is None:
-        seed_lora_weights(keymap, spec.seed)
-    else:
+    if lora_weights is not None:
         for p, (m, t) in keymap.items():
-            copy_lora(m, t, *lora_weights[p])
+            copy_adapter(m, t, lora_weights[p])
+    elif not keep_init:
+        seed_lora_weights(keymap, spec.seed)
     return Pair(ours, theirs, keymap)
 
 
 def lora_params(model) -> list[torch.nn.Parameter]:
-    """The trainable parameters (LoRA A and B here), in a fixed order, for an optimizer."""
+    """The trainable parameters (the adapter tensors here), in a fixed order, for an optimizer."""
     return [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]) if p.requires_grad]

@@ -37,15 +37,12 @@ def _figure(panels: int, width: float, height: float = 4.5):
 def check_png_path(path: Union[str, os.PathLike]) -> None:
     """Raise CompareError unless a PNG can be written at `path` (checked before any work runs)."""
     from .models import CompareError
+    from .report import check_writable_file
 
     p = Path(path)
     if p.suffix.lower() != ".png":
         raise CompareError(f"--plot {path}: the picture is a PNG; give a path ending in .png")
-    if p.is_dir():
-        raise CompareError(f"--plot {path} is a directory; give a file path ending in .png")
-    parent = next((q for q in p.absolute().parents if q.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CompareError(f"--plot {path}: cannot write under {parent}")
+    check_writable_file(p, "--plot")
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:

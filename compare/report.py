@@ -162,18 +162,13 @@ def check_writable_dir(path: os.PathLike | str, flag: str) -> None:
 
 
 def _check_writable_parent(folder: Path, flag: str, shown: Path) -> None:
+    from train.outputs import unwritable_reason
+
     from .models import CompareError
 
-    anc = folder
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise CompareError(f"{flag} {shown} cannot be created: {anc} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=anc):
-            pass
-    except OSError as e:
-        raise CompareError(f"{flag} {shown} is not writable ({e.strerror} in {anc})") from None
+    why = unwritable_reason(folder)
+    if why:
+        raise CompareError(f"{flag} {shown} {why}")
 
 
 def _umask() -> int:

@@ -57,8 +57,8 @@ def lora_linear(
     torch.manual_seed gives peft's mask), "triton" a Philox mask keyed by a seed it draws on the
     device. An explicit seed (an int in [0, 2**63)) gives the Philox mask `reference.dropout_mask`
     on both backends. backend: "torch", "triton" (CUDA, or CPU under TRITON_INTERPRET=1; raises
-    when it cannot take the call) or "auto" (triton when it takes the call, else torch with a
-    one-time warning naming the reason).
+    when it cannot take the call) or "auto" (triton when it takes the call, else torch, saying so
+    once per reason in one plain stderr line: `kernels: backend 'auto' uses torch (<reason>)`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: unknown; valid backends are {list(BACKENDS)}")

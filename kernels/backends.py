@@ -11,14 +11,14 @@ backward(ctx, g). Two exist:
               interpreter, TRITON_INTERPRET=1); Philox dropout (reference.dropout_mask).
 `choose` maps the `backend=` word to one: "torch" and "triton" as asked ("triton" raises with the
 reason when it cannot), "auto" the Triton backend when the inputs are on CUDA and it takes the
-call, else the torch backend with a RuntimeWarning naming the reason, once per reason per process.
+call, else the torch backend, saying why in one stderr line once per reason per process.
 Inside the triton backend each pass picks a strategy (kernels/triton/strategy.py); `report()`
 lists, per call shape, the backend and strategy that ran and why.
 """
 from __future__ import annotations
 
 import logging
-import warnings
+import sys
 from typing import Optional
 
 import torch
@@ -119,7 +119,7 @@ def _seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
 
 TORCH = TorchBackend()
 TRITON = TritonBackend()
-_warned: set[str] = set()  # fallback reasons already reported
+_warned: set[str] = set()  # fallback reasons already reported on stderr
 
 
 def choose(name: str, call: LoraCall) -> Backend:
@@ -134,9 +134,10 @@ def choose(name: str, call: LoraCall) -> Backend:
         raise ValueError(f"backend='triton' cannot run this call: {why}. "
                          "Use backend='auto' to fall back to the torch backend.")
     if why not in _warned:
+        # Once per reason per process, one plain line: on a CPU machine this is expected, not a
+        # problem, and a warning with a source line reads as one.
         _warned.add(why)
-        warnings.warn(f"kernels.lora_linear(backend='auto') uses the torch backend: {why}.",
-                      RuntimeWarning, stacklevel=3)
+        print(f"kernels: backend 'auto' uses torch ({why})", file=sys.stderr, flush=True)
     record("forward", "torch", "torch", why, _shape(call))
     return TORCH
 

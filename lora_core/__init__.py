@@ -6,9 +6,15 @@ AdaLoRA, adaption prompts (Llama-Adapter) and prompt tuning, and astraios' bottl
     from lora_core import LoraConfig, get_lora_model
     model = get_lora_model(base_model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.print_trainable_parameters()
+    model = AutoLoraModelForCausalLM.from_pretrained("path/to/adapter")  # the base its config names
 """
 from .adapters import LoraAdapter
-from .config import LoraConfig
+from .auto import (AutoLoraModel, AutoLoraModelForCausalLM, AutoLoraModelForFeatureExtraction,
+                   AutoLoraModelForQuestionAnswering, AutoLoraModelForSeq2SeqLM,
+                   AutoLoraModelForSequenceClassification, AutoLoraModelForTokenClassification)
+from .config import LoftQConfig, LoraConfig
+from .dora import DoraAdapter
+from .embedding import LoraEmbedding, LoraEmbeddingAdapter
 from .inject import ModulesToSave, find_targets, inject_lora
 from .layer import LoraLinear
 from .methods.adalora import AdaLoraConfig
@@ -17,10 +23,15 @@ from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.prompt_tuning import PromptTuningConfig
 from .model import LoraModel, get_lora_model
+from .optim import create_loraplus_optimizer
 from .prepare import prepare_model_for_kbit_training
 from .status import TunerLayerStatus, TunerModelStatus
 
-__all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapter",
+__all__ = ["LoraConfig", "get_lora_model", "LoraModel", "LoraLinear", "LoraAdapter", "LoraEmbedding",
+           "LoraEmbeddingAdapter",
            "prepare_model_for_kbit_training", "ModulesToSave", "find_targets", "inject_lora",
-           "TunerLayerStatus", "TunerModelStatus",
+           "TunerLayerStatus", "TunerModelStatus", "DoraAdapter", "LoftQConfig", "create_loraplus_optimizer",
+           "AutoLoraModel", "AutoLoraModelForCausalLM", "AutoLoraModelForSeq2SeqLM",
+           "AutoLoraModelForSequenceClassification", "AutoLoraModelForTokenClassification",
+           "AutoLoraModelForQuestionAnswering", "AutoLoraModelForFeatureExtraction",
            "IA3Config", "AdaLoraConfig", "BottleneckConfig", "AdaptionPromptConfig", "PromptTuningConfig"]

@@ -42,6 +42,8 @@ from functools import reduce
 
 import torch
 
+from .config import DATA_INITS, init_kind
+from .embedding import LoraEmbedding
 from .inject import ModulesToSave
 
 LINEAR_FAMILY = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -116,6 +118,9 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     config.r, config.lora_alpha, config.target_modules = rank, rank, targets
     config.rank_pattern, config.alpha_pattern = {}, {}
     config.use_rslora, config.bias = False, "none"
+    if init_kind(config.init_lora_weights) in DATA_INITS:
+        # the new adapter must not rewrite the base again (peft's copy of the config would)
+        config.init_lora_weights, config.loftq_config = True, {}
     config.modules_to_save = sorted(model.modules_to_save or []) or None
     copy_from = {}  # modules_to_save path -> the source adapter's trained copy
     for path, m in model.base_model.named_modules():
@@ -197,11 +202,21 @@ def _check(model, adapters, weights, adapter_name, combination_type, svd_rank, d
     if kind.removesuffix("_svd") in NEEDS_DENSITY and density is None:
         raise ValueError(f"combination_type={combination_type!r} needs density (the fraction of values "
                          f"kept, in [0, 1])")
+    embedded = [p for p, m in model.lora_layers().items()
+                if isinstance(m, LoraEmbedding) and any(a in m.adapters for a in adapters)]
+    if embedded:
+        raise ValueError(f"{embedded[0]} is an embedding layer: combining Embedding LoRA adapters is not "
+                         f"implemented in lorafuse. Fix: combine adapters that target linear layers only.")
     for m in model.base_model.modules():
         if isinstance(m, ModulesToSave) and sum(a in m.modules_to_save for a in adapters) > 1:
             raise ValueError("two of these adapters have their own copy of the same modules_to_save module; "
                              "those cannot be combined (as in peft)")
     configs = [model.peft_config[a] for a in adapters]
+    variant = [a for a, c in zip(adapters, configs) if c.use_dora or c.lora_bias]
+    if variant:
+        raise ValueError(f"adapters {variant} use DoRA or lora_bias: their effect is not a low-rank "
+                         f"delta B @ A alone (a magnitude vector / a bias), so a combination would drop "
+                         f"part of it. Fix: combine plain LoRA adapters.")
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
     if kind in LINEAR_FAMILY:
         if len(set(ranks)) != 1:

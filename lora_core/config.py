@@ -52,23 +52,58 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
     "trainable_token_indices": None,
-    "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
-    "use_dora": False,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
     "layer_replication": None,
-    "lora_bias": False,
     "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
+
+
+# init_lora_weights values besides True / False (peft's strings; "pissa_niter_<N>" is the fast-SVD PiSSA).
+# "gaussian" and "olora" are matched case-insensitively, as peft does.
+INIT_STRINGS = ("gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal", "loftq")
+# inits that read the base weight and rewrite it as peft does (residual W - scaling * B @ A, or LoftQ's Q)
+DATA_INITS = ("pissa", "olora", "loftq")
+
+
+@dataclass
+class LoftQConfig:
+    """peft's LoftQConfig: loftq_bits (4 = nf4, 8 = int8) and loftq_iter (alternating iterations >= 1)."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+def init_kind(init) -> Optional[str]:
+    """The init family of an init_lora_weights value: "default" (True), "none" (False), "gaussian",
+    "orthogonal", "pissa" (also "pissa_niter_<N>"), "olora", "loftq"; None when it is not one."""
+    if init is True:
+        return "default"
+    if init is False:
+        return "none"
+    if not isinstance(init, str):
+        return None
+    if init.lower() in ("gaussian", "olora"):
+        return init.lower()
+    if init in ("orthogonal", "loftq", "pissa") or pissa_niter(init) is not None:
+        return "pissa" if init.startswith("pissa") else init
+    return None
+
+
+def pissa_niter(init) -> Optional[int]:
+    """N of "pissa_niter_<N>" (power iterations of torch.svd_lowrank), else None."""
+    if isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit():
+        return int(init[len("pissa_niter_"):])
+    return None
 
 
 def default_target_modules(model_type: Optional[str]) -> list[str]:
@@ -100,8 +135,14 @@ class LoraConfig:
     target_modules; bias: "none" | "all" | "lora_only" (which base biases train); fan_in_fan_out:
     True when the base stores W as [in, out] (set automatically for GPT-2's Conv1D);
     modules_to_save: names (suffixes) of extra modules trained in full and saved with the adapter;
-    init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r), B zeros) or
-    False (both random, for tests); layers_to_transform / layers_pattern: restrict to some layer
+    init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r), B zeros),
+    False (both random, for tests), "orthogonal" (A, B from one random orthogonal [r, r]; r even),
+    or a data-dependent init that rewrites the base weight (lora_core.init): "pissa" /
+    "pissa_niter_<N>" (A, B from the top-r singular triplets of W), "olora" (from W's QR), "loftq"
+    (needs loftq_config; a dense base becomes its nf4/int8 quantization Q, A and B fit W - Q);
+    loftq_config: {"loftq_bits": 4 | 8, "loftq_iter": >= 1} (or a LoftQConfig);
+    use_dora: DoRA (a trainable magnitude per output row, lora_core.dora); lora_bias: a trainable
+    bias on lora_B (init True / False only, not with DoRA); layers_to_transform / layers_pattern: restrict to some layer
     indices; rank_pattern / alpha_pattern: per-module r / alpha overrides keyed by a name regex.
     """
 
@@ -126,6 +167,9 @@ class LoraConfig:
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    loftq_config: Union[dict, LoftQConfig] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
     # peft fields that only matter with a feature we lack (kept so the json round-trips).
     megatron_core: Optional[str] = "megatron.core"
     qalora_group_size: int = 16
@@ -135,6 +179,12 @@ class LoraConfig:
         self.exclude_modules = _as_set(self.exclude_modules)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)  # peft stores it as a dict too
+        if self.loftq_config and self.init_lora_weights != "loftq":
+            warnings.warn("loftq_config is set but init_lora_weights is not 'loftq': it is ignored "
+                          "(and dropped, as peft does).")
+            self.loftq_config = {}
         self.validate()
 
     def validate(self) -> None:
@@ -159,10 +209,7 @@ class LoraConfig:
                              f"Fix: pass e.g. lora_dropout=0.05, or 0.0 for none.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r}: unknown bias mode. Fix: use one of {list(BIAS_MODES)}.")
-        init = self.init_lora_weights
-        if not (init is True or init is False or (isinstance(init, str) and init.lower() == "gaussian")):
-            raise ValueError(f"init_lora_weights={init!r}: not supported here. Fix: use True (peft's "
-                             f"default: A kaiming-uniform, B zeros), 'gaussian' or False.")
+        self._validate_variants()
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type={self.task_type!r}: unknown. Fix: use None or one of {list(TASK_TYPES)}.")
         tm = self.target_modules
@@ -178,6 +225,38 @@ class LoraConfig:
         if self.modules_to_save is not None and (isinstance(self.modules_to_save, str)
                                                  or not all(isinstance(m, str) for m in self.modules_to_save)):
             raise ValueError(f"modules_to_save={self.modules_to_save!r}: must be a list of module names.")
+
+    def _validate_variants(self) -> None:
+        """init_lora_weights, loftq_config, use_dora and lora_bias, with peft's rules (peft raises
+        some of these only when the layers are built; here they fail before the model changes)."""
+        init = self.init_lora_weights
+        kind = init_kind(init)
+        if kind is None:
+            raise ValueError(f"init_lora_weights={init!r}: not supported. Fix: use True (peft's default: "
+                             f"A kaiming-uniform, B zeros), False, or one of {list(INIT_STRINGS)} "
+                             f"(<N>: SVD power iterations, e.g. 'pissa_niter_4').")
+        if kind == "orthogonal":
+            odd = {k: v for k, v in {"r": self.r, **self.rank_pattern}.items() if v % 2}
+            if odd:
+                raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (it pairs the rows of "
+                                 f"an r x r orthogonal matrix); odd: {odd}. Fix: use even ranks.")
+        if kind == "loftq":
+            lq = self.loftq_config
+            if not isinstance(lq, dict) or not lq:
+                raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. "
+                                 "{'loftq_bits': 4, 'loftq_iter': 1} (peft's LoftQConfig).")
+            unknown = sorted(set(lq) - {"loftq_bits", "loftq_iter"})
+            bits, iters = lq.get("loftq_bits", 4), lq.get("loftq_iter", 1)
+            if unknown or bits not in (4, 8) or isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+                raise ValueError(f"loftq_config={lq!r}: loftq_bits must be 4 (nf4) or 8 (int8) and loftq_iter "
+                                 f"an integer >= 1{f'; unknown keys {unknown}' if unknown else ''}.")
+        if not isinstance(self.use_dora, bool) or not isinstance(self.lora_bias, bool):
+            raise ValueError(f"use_dora={self.use_dora!r}, lora_bias={self.lora_bias!r}: both must be True or False.")
+        if self.lora_bias and kind not in ("default", "none"):
+            raise ValueError(f"lora_bias=True works with init_lora_weights True or False only (as in peft), "
+                             f"got {init!r}.")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (as in peft). Fix: drop one.")
 
     # ---- adapter_config.json -------------------------------------------------------------------
     def to_dict(self) -> dict:

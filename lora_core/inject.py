@@ -16,9 +16,13 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+import kernels
+
+from . import init as lora_init
 from . import quant
 from .adapters import build_adapter
 from .config import ALL_LINEAR, LoraConfig, default_target_modules
+from .embedding import LoraEmbedding, build_embedding_adapter
 from .layer import BASE_ROW, LoraLinear
 from .methods.adaption_prompt import AdaptedAttention
 
@@ -100,8 +104,24 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
 
 
 def is_target_type(module: nn.Module) -> bool:
-    """A layer LoRA can adapt: a linear layer (nn.Linear, bnb, Conv1D) or one already wrapped."""
-    return isinstance(module, LoraLinear) or quant.is_linear(module)
+    """A layer LoRA can adapt: a linear layer (nn.Linear, bnb, Conv1D), an nn.Embedding, or one
+    already wrapped."""
+    return isinstance(module, (LoraLinear, nn.Embedding)) or quant.is_linear(module)
+
+
+def is_linear_target(module: nn.Module) -> bool:
+    """A linear layer, wrapped or not: what "all-linear" and the suggestions in errors name."""
+    return (isinstance(module, LoraLinear) and not isinstance(module, LoraEmbedding)) or quant.is_linear(module)
+
+
+def new_adapter(config: LoraConfig, path: str, module: nn.Module, dtype: torch.dtype,
+                device: Optional[torch.device]) -> nn.Module:
+    """The adapter `config` puts on `module` (a target at `path`, wrapped or not)."""
+    base = module.base_layer if isinstance(module, LoraLinear) else module
+    if isinstance(module, LoraEmbedding) or isinstance(base, nn.Embedding):
+        return build_embedding_adapter(config, path, base, dtype, device)
+    k_in, n_out = quant.in_out_features(base)
+    return build_adapter(config, path, k_in, n_out, dtype, device)
 
 
 def resolve_target_modules(model: nn.Module, config: LoraConfig):
@@ -113,11 +133,12 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig):
         defaults = getattr(config, "default_targets", None)  # a method's own table (IA3, AdaLoRA, ...)
         return set(defaults(model_type) if defaults is not None else default_target_modules(model_type))
     if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-        names = {n for n, m in iter_modules(model) if is_target_type(m)}
+        names = {n for n, m in iter_modules(model) if is_linear_target(m)}
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None:
             names -= {n for n, m in iter_modules(model) if m is head}
-        return names
+        # a module to save (a task's classifier head) is trained in full, never a LoRA target
+        return {n for n in names if not _is_module_to_save(config, n)}
     return tm
 
 
@@ -180,8 +201,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if not is_target_type(module):
             raise ValueError(f"target module {key!r} is a {type(module).__name__}, not a linear layer; "
-                             f"LoRA here supports nn.Linear, Conv1D and bitsandbytes Linear4bit / "
-                             f"Linear8bitLt. Fix: make target_modules more specific.")
+                             f"LoRA here supports nn.Linear, Conv1D, bitsandbytes Linear4bit / "
+                             f"Linear8bitLt and nn.Embedding. Fix: make target_modules more specific.")
         found.append(key)
     if not found:
         raise ValueError(
@@ -193,7 +214,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def available_linear_names(model: nn.Module) -> list[str]:
     """Last name component of every linear layer, sorted (what target_modules can name)."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in iter_modules(model) if is_target_type(m)})
+    return sorted({n.rsplit(".", 1)[-1] for n, m in iter_modules(model) if is_linear_target(m)})
 
 
 def _show(tm):
@@ -239,23 +260,36 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     names = find_targets(model, config) if targets is None else targets
     active = [adapter_name] if active is None else list(active)
     conv1d = getattr(quant, "Conv1D", ())
+    for name in names:  # what an init needs of each base layer, before anything is built
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        lora_init.check_layer(config, name, base)
     # Build every new adapter and layer first, then swap: a failure while building changes nothing.
-    new_layers, new_adapters, flipped = {}, {}, []
+    # Data-dependent inits (PiSSA, OLoRA, LoftQ) compute A and B here, layer by layer as peft does
+    # (so pissa_niter's random draws come in peft's order), and rewrite the bases after the swap.
+    new_layers, new_adapters, flipped, rewrites = {}, {}, [], []
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
             if adapter_name in module.adapters:
                 raise ValueError(f"layer {name!r} already holds an adapter named {adapter_name!r}")
-            new_adapters[name] = build_adapter(config, name, module.in_features, module.out_features,
-                                               lora_dtype, _device_of(module.base_layer))
+            new_adapters[name] = new_adapter(config, name, module, lora_dtype, _device_of(module.base_layer))
+            if not isinstance(module, LoraEmbedding):
+                rewrites.append(lora_init.prepare(new_adapters[name], config, module.base_layer))
+            continue
+        if isinstance(module, nn.Embedding):
+            tied = [n for n, m in iter_modules(model) if m is not module
+                    and getattr(m, "weight", None) is module.weight]
+            new_layers[name] = LoraEmbedding(module, new_adapter(config, name, module, lora_dtype, _device_of(module)),
+                                             adapter_name=adapter_name, kernel=kernel, tied_modules=tied)
             continue
         is_conv1d = isinstance(conv1d, type) and isinstance(module, conv1d)
         fan_in_fan_out = config.fan_in_fan_out
         if is_conv1d != bool(fan_in_fan_out):  # peft overrides the setting too, with a warning
             flipped.append(name)
             fan_in_fan_out = is_conv1d
-        k_in, n_out = quant.in_out_features(module)
-        adapter = build_adapter(config, name, k_in, n_out, lora_dtype, _device_of(module))
+        adapter = new_adapter(config, name, module, lora_dtype, _device_of(module))
+        rewrites.append(lora_init.prepare(adapter, config, module))
         new_layers[name] = LoraLinear(module, fan_in_fan_out=fan_in_fan_out, kernel=kernel,
                                       adapter_name=adapter_name, adapter=adapter)
     if flipped:
@@ -269,6 +303,14 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         _set_submodule(model, name, layer)
     for name, adapter in new_adapters.items():
         model.get_submodule(name).add_adapter(adapter_name, adapter)
+    for rewrite in rewrites:  # the residual W - scaling * B @ A (PiSSA, OLoRA) or LoftQ's Q
+        if rewrite is not None:
+            rewrite.apply()
+    for name in names:  # DoRA's magnitude from the (rewritten) base: ||W + scaling * B @ A|| per row
+        layer = model.get_submodule(name)
+        adapter = layer.adapters[adapter_name]
+        if hasattr(adapter, "init_magnitude"):
+            adapter.init_magnitude(kernels.dequantize(layer._base_record()))
     for name in save_names:
         module = model.get_submodule(name)
         source = (copy_from or {}).get(name)

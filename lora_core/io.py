@@ -2,7 +2,8 @@
 
 An adapter directory holds two files:
 
-    adapter_config.json         LoraConfig.to_dict(): peft's fields only, inference_mode true
+    adapter_config.json         LoraConfig.to_dict(): peft's fields only, inference_mode true, and
+                                without a task_type peft's auto_mapping (the base model's class)
     adapter_model.safetensors   metadata {"format": "pt"}; adapter_model.bin is read too
 
 Several adapters (peft's layout): the adapter named "default" at the folder root, every other one
@@ -14,6 +15,8 @@ no adapter name in any key):
 
     base_model.model.P.lora_A.weight     [r, in]     every LoRA layer holding the adapter
     base_model.model.P.lora_B.weight     [out, r]
+    base_model.model.P.lora_B.bias       [out]       lora_bias=True
+    base_model.model.P.lora_magnitude_vector [out]   use_dora=True (DoRA's magnitude)
     base_model.model.P.base_layer.bias   [out]       bias="lora_only": biases of those LoRA layers
     base_model.model.<any>.bias                      bias="all": every ".bias" of the model, under
                                                      its module path (P.base_layer.bias for LoRA
@@ -29,7 +32,7 @@ adaption prompts `<attention path>.adaption_prompt`, `.adaption_gate`; astraios 
 adapters `P.adapter_down.weight`, `P.adapter_up.weight` (`.adapter_scaling`). Prompt tuning saves
 one tensor, `prompt_embeddings`, without the prefix. The json's `peft_type` picks the config class.
 
-In memory the same tensors are `P.adapters.<adapter>.lora_A.weight` and
+In memory the same tensors are `P.adapters.<adapter>.<tensor>` (lora_A.weight, ...) and
 `X.modules_to_save.<adapter>.<name>`. Loading checks every key, shape and value (finite) against
 the model *before* anything is injected, so an adapter that does not fit raises ValueError (naming
 the modules, keys and shapes) and leaves the model exactly as it was. Saving checks everything
@@ -52,9 +55,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import quant
-from .adapters import build_adapter, saved_tensors
-from .inject import ModulesToSave, find_targets, modules_to_save_names
+from . import tasks
+from .adapters import saved_tensors
+from .inject import ModulesToSave, find_targets, modules_to_save_names, new_adapter
 from .layer import LoraLinear
 from .methods import adaption_prompt, config_from_dict
 from .methods.adaption_prompt import AdaptedAttention
@@ -159,11 +162,16 @@ def _to_disk_name(key: str, mts, adapter_name: str) -> Optional[str]:
 
 
 # ---- save ------------------------------------------------------------------------------------------
-def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequence[str]] = None) -> Path:
+def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequence[str]] = None,
+                  initial: Optional[PathLike] = None) -> Path:
     """Write `model`'s adapters to `directory` in peft's layout; returns the directory.
 
-    selected: the adapter names to write (default: all). Everything is checked first: the names,
-    that each adapter is on at least one layer, finite tensors, no file in a subfolder's place.
+    selected: the adapter names to write (default: all). initial: peft's
+    path_initial_model_for_weight_conversion, the folder holding the adapter as it was right after
+    a PiSSA / OLoRA init: the one adapter saved is then converted to a rank-2r LoRA adapter for the
+    original base (lora_core.init; the initial folder is only read). Everything is checked first:
+    the names, that each adapter is on at least one layer, finite tensors, no file in a
+    subfolder's place.
     Files are written into a temporary directory beside the target, then renamed into place;
     other files already in `directory` (a tokenizer, a README, other adapters) are kept. On any
     error the previous adapter files, if any, are left as they were.
@@ -176,6 +184,9 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
     model._check_known(names)
     if not names:
         raise ValueError("selected_adapters is empty: nothing to save")
+    if initial is not None and len(names) != 1:
+        raise ValueError(f"path_initial_model_for_weight_conversion converts one adapter, but {names} are "
+                         f"selected. Fix: pass selected_adapters=[name].")
     payload = {}  # folder relative to target ("" = root) -> (config dict, tensors)
     for name in names:
         tensors = _for_safetensors(adapter_state_dict(model, name))
@@ -183,6 +194,9 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
             raise ValueError(f"adapter {name!r} is on no layer of this model (merge_and_unload() or unload() "
                              f"removed the LoRA layers): there is nothing to save; {str(target)!r} was not "
                              f"touched. Fix: save before merging, or save the merged model itself.")
+        config = model.peft_config[name]
+        if initial is not None:
+            tensors, config = _converted(model, name, tensors, initial, target)
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise ValueError(f"adapter {name!r} has non-finite values (NaN/inf) in {bad[:3]}; refusing to save "
@@ -190,7 +204,7 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
         sub = "" if name == DEFAULT else name
         if sub and (target / sub).exists() and not (target / sub).is_dir():
             raise NotADirectoryError(f"cannot save adapter {name!r} to {str(target / sub)!r}: it is a file")
-        payload[sub] = (_config_for_disk(model, name), tensors)
+        payload[sub] = (_config_for_disk(model, config), tensors)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target (same filesystem, so the renames are atomic); os.mkdir honours the umask,
@@ -218,14 +232,43 @@ def save_adapters(model: LoraModel, directory: PathLike, selected: Optional[Sequ
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _config_for_disk(model: LoraModel, name: str) -> dict:
-    config = model.peft_config[name].to_dict()
+def _converted(model: LoraModel, name: str, tensors: dict, initial: PathLike, target: Path):
+    """(tensors, config) of adapter `name` converted against the initial adapter in `initial`."""
+    from . import init as lora_init
+
+    config = model.peft_config[name]
+    problem = (lora_init.conversion_problem(config) if config.peft_type == "LORA" else
+               f"it is a {config.peft_type} adapter; only a LoRA adapter (PiSSA / OLoRA init) converts")
+    if problem:
+        raise ValueError(f"path_initial_model_for_weight_conversion: adapter {name!r} cannot be converted: "
+                         f"{problem}. Nothing was written.")
+    init_dir = _local_dir(initial, need_weights=True)
+    if init_dir.resolve() == target.resolve():
+        raise ValueError(f"path_initial_model_for_weight_conversion={str(initial)!r} is the folder being "
+                         f"written; it would overwrite the initial adapter. Fix: save elsewhere.")
+    first = read_config(init_dir)
+    same = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    diff = [k for k in same if getattr(first, k) != getattr(config, k)]
+    if diff:
+        raise ValueError(f"the initial adapter in {str(init_dir)!r} has other {diff} than adapter {name!r} "
+                         f"({[getattr(first, k) for k in diff]} vs {[getattr(config, k) for k in diff]}). "
+                         f"Fix: pass the folder saved right after this adapter's init.")
+    lora_init.warn_quantized_conversion(model)
+    return lora_init.convert_to_lora(tensors, _read_weights(init_dir)), lora_init.converted_config(config)
+
+
+def _config_for_disk(model: LoraModel, config) -> dict:
+    config = config.to_dict()
     if not config.get("base_model_name_or_path"):
         hf = model.base_model
         config["base_model_name_or_path"] = (getattr(hf, "name_or_path", None)
                                              or getattr(getattr(hf, "config", None), "_name_or_path", None)
                                              or None)
     config["inference_mode"] = True  # what peft writes: a saved adapter loads frozen unless asked
+    if config.get("task_type") is None:
+        # peft's auto_mapping: without a task type, the class that opens the base (AutoPeftModel)
+        cls = type(model.base_model)
+        config["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return config
 
 
@@ -296,6 +339,7 @@ def load_adapter(base_model: nn.Module, directory: PathLike, adapter_name: str =
     local = _local_dir(directory, need_weights=True)
     config = read_config(local)
     config.inference_mode = not is_trainable
+    tasks.add_task_heads(config)  # as get_lora_model does, so the plan expects the head's tensors
     state = _read_weights(local)
     plan = _plan(base_model, config, state, local, adapter_name)  # raises before any change to base_model
 
@@ -320,6 +364,7 @@ def load_into(model: LoraModel, directory: PathLike, adapter_name: str, is_train
     local = _local_dir(directory, need_weights=True)
     config = read_config(local)
     config.inference_mode = not is_trainable
+    tasks.add_task_heads(config)  # as get_lora_model does, so the plan expects the head's tensors
     state = _read_weights(local)
     plan = _plan(model.base_model, config, state, local, adapter_name)
     config._from_file = True
@@ -439,10 +484,8 @@ def _adapter_tensors(tree: nn.Module, config, targets: set[str], adapter_name: s
             adapter = adaption_prompt.AdaptionPrompt(config.adapter_len, tree.config.hidden_size, torch.float32,
                                                      device="meta")
             tensors = dict(adapter.named_parameters())
-        else:
-            k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
-                           else quant.in_out_features(module))
-            adapter = build_adapter(config, path, k_in, n_out, torch.float32, torch.device("meta"))
+        else:  # as the injection builds it (an embedding gets its own kind), shapes only
+            adapter = new_adapter(config, path, module, torch.float32, torch.device("meta"))
             tensors = saved_tensors(adapter, config, path)
         for name, t in tensors.items():
             out[f"{path}.{name}"] = (f"{path}.adapters.{adapter_name}.{name}", tuple(t.shape))
@@ -477,6 +520,28 @@ def _expected_tensors(tree: nn.Module, targets: set[str], mts: list[str], adapte
         else:
             out[key] = spec
     return out
+
+
+def _shape_only_adapters(tree: nn.Module, config: LoraConfig, targets: set[str]) -> dict[str, nn.Module]:
+    """{path: the adapter `config` would put there}, built on the meta device (shapes only: no
+    memory, no random draws, no init reading the base)."""
+    plain = config.copy()
+    plain.init_lora_weights = False
+    out = {}
+    for path in sorted(targets):
+        module = tree.get_submodule(path)
+        k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
+                       else quant.in_out_features(module))
+        out[path] = build_adapter(plain, path, k_in, n_out, torch.float32, torch.device("meta"))
+    return out
+
+
+def _adapter_keys(tree: nn.Module, config: LoraConfig, targets: set[str], adapter_name: str) -> dict[str, str]:
+    """{disk key: model key} of the adapter's own tensors: peft's `P.<name>` (P.lora_A.weight,
+    P.lora_B.bias, P.lora_magnitude_vector, ...) is our `P.adapters.<adapter>.<name>`."""
+    return {f"{path}.{name}": f"{path}.adapters.{adapter_name}.{name}"
+            for path, adapter in _shape_only_adapters(tree, config, targets).items()
+            for name, _ in adapter.named_parameters()}
 
 
 def _get(tree: nn.Module, path: str) -> Optional[nn.Module]:

@@ -38,7 +38,7 @@ from torch import nn
 import kernels
 
 from . import quant
-from .adapters import LoraAdapter, merged_weight
+from .adapters import BaseContext, LoraAdapter, merged_weight
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
 _warned: set[str] = set()  # reasons already reported (once per process)
@@ -166,8 +166,15 @@ class LoraLinear(nn.Module):
             self._note_torch_terms(x, "several active adapters")
         result = y
         for adapter in todo:
-            result = adapter(x, result)
+            result = self._call(adapter, x, result, y)
         return result.to(y.dtype)
+
+    def _call(self, adapter, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """adapter(x, result), handing the base (record, bias, base output) to adapters that read it."""
+        if getattr(adapter, "needs_base", False):
+            ctx = BaseContext(self._base_record(), quant.base_bias(self.base_layer), base_out)
+            return adapter(x, result, base=ctx)
+        return adapter(x, result)
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone (merged adapters included), through the layer's backend."""
@@ -196,12 +203,13 @@ class LoraLinear(nn.Module):
             adapter = self.adapters[name]
             idx = torch.tensor(rows, device=x.device)
             part = x.index_select(0, idx)  # [b, ..., K]
-            if hasattr(adapter, "term"):  # additive: add the term to its rows in place, as peft's +=
+            if getattr(adapter, "term", None) is not None:  # additive: add to its rows in place, as peft's +=
                 y.index_add_(0, idx, adapter.term(part).to(y.dtype))
             elif hasattr(adapter, "transform_input"):  # the base itself sees other inputs on these rows
                 y.index_copy_(0, idx, self._apply_adapters(part, [adapter]).to(y.dtype))
             else:
-                y.index_copy_(0, idx, adapter(part, y.index_select(0, idx)).to(y.dtype))
+                rows_y = y.index_select(0, idx)  # [b, ..., N]: these rows' base output
+                y.index_copy_(0, idx, self._call(adapter, part, rows_y, rows_y).to(y.dtype))
         return y
 
     def _check_backend_computes(self, adapter: nn.Module, x: torch.Tensor) -> None:
@@ -299,9 +307,12 @@ class LoraLinear(nn.Module):
         for name in self._held(names):
             adapter = self.adapters[name]
             refusal = getattr(adapter, "merge_refusal", None)
+            if getattr(adapter, "lora_bias", False) and self.bias is None:
+                refusal = ("it has lora_bias=True but this layer's base has no bias to merge it into (peft "
+                           "refuses too). Fix: keep it unmerged")
             if refusal:
                 raise ValueError(f"adapter {name!r} cannot be merged: {refusal}")
-            if hasattr(adapter, "merge_into"):
+            if hasattr(adapter, "merge_into") or getattr(adapter, "needs_base", False):
                 ok &= all(bool(torch.isfinite(p).all()) for p in adapter.parameters())
             else:
                 ok &= bool(torch.isfinite(adapter.delta_weight()).all())
@@ -315,7 +326,13 @@ class LoraLinear(nn.Module):
                 raise ValueError(f"the merge of adapter {bad} has non-finite values (e.g. LoRA's scaling * B @ A); "
                                  f"refusing to merge. The base weight is unchanged. Fix: check the "
                                  f"adapter weights for NaN/inf.")
-            if quant.is_quantized(self.base_layer):
+            if any(getattr(self.adapters[n], "needs_base", False) for n in {*self.merged_adapters, *names}):
+                # DoRA among the merged: the merge depends on the base itself
+                target = self._scaled_target(names, sign)
+                _check_finite(target)
+                new_bias = self._merged_bias(adapters, sign)
+                quant.requantize_into(self.base_layer, target)
+            elif quant.is_quantized(self.base_layer):
                 # one re-quantization for the whole set: each one is lossy
                 target = quant.dequantize_base(self.base_layer)  # [N, K] fp32
                 for a in adapters:
@@ -339,6 +356,42 @@ class LoraLinear(nn.Module):
             if new_bias is not None:
                 self.base_layer.bias.data.copy_(new_bias)
             return (quant.dequantize_base(self.base_layer) - target).abs().max().item()
+
+    def _scaled_target(self, names: list[str], sign: int) -> torch.Tensor:
+        """The new W [N, K] fp32 when a merged adapter scales the base (DoRA's merge_scale f).
+
+        With W0 the base without merged adapters and M the merged set, the stored weight is
+            W = S * (W0 + sum_m (f_m / S) delta_m),   S = 1 + sum_m (f_m - 1)   (rows; f = 1 for LoRA)
+        which equals the unmerged forward, W0 + sum_m ((f_m - 1) W0 + f_m delta_m), for any set and
+        order (peft's sequential f * (W + delta) scales adapters merged before a DoRA one too). With
+        one DoRA adapter alone this is peft's f * (W0 + delta) exactly (f / f = 1). The factors f
+        are computed from W0 when merging and kept for the unmerge (peft keeps the weight norm).
+        """
+        other = [n for n in {*self.merged_adapters, *names} if hasattr(self.adapters[n], "merge_into")]
+        if other:
+            raise ValueError(f"adapters {other} merge by scaling W (IA3): merging them on one layer together "
+                             f"with a DoRA adapter is not supported. Fix: merge one kind at a time.")
+        scales: dict = self.__dict__.setdefault("_merge_scales", {})  # name -> f [N], while merged
+        merged = list(self.merged_adapters)
+        deltas = [self.adapters[n].delta_weight() for n in merged]        # [N, K] fp32 each
+        W = quant.dequantize_base(self.base_layer)                       # [N, K] fp32, as stored
+        ones = torch.ones(self.out_features, device=W.device)
+        f = [scales.get(n, ones) for n in merged]
+        S = 1 + sum(fi - 1 for fi in f) if f else ones                   # [N]
+        W0 = W / S[:, None] - sum((fi / S)[:, None] * d for fi, d in zip(f, deltas)) if merged else W
+        if sign < 0:  # unmerge everything: back to W0
+            for n in names:
+                scales.pop(n, None)
+            return W0
+        for n in names:
+            adapter = self.adapters[n]
+            if getattr(adapter, "needs_base", False):
+                scales[n] = adapter.merge_scale(W0)
+            merged.append(n)
+            deltas.append(adapter.delta_weight())
+        f = [scales.get(n, ones) for n in merged]
+        S = 1 + sum(fi - 1 for fi in f)
+        return S[:, None] * (W0 + sum((fi / S)[:, None] * d for fi, d in zip(f, deltas)))
 
     def _merged_bias(self, adapters: list, sign: int) -> Optional[torch.Tensor]:
         """The base bias with the adapters' bias changes (IA3's output scale), None if none applies."""

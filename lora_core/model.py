@@ -37,6 +37,7 @@ from torch import nn
 
 import kernels
 
+from . import quant, tasks
 from .config import LoraConfig
 from .inject import (ModulesToSave, adapter_parameters, bias_parameters, check_no_lora, find_targets,
                      inject_lora, resolve_target_modules)
@@ -50,15 +51,11 @@ _TUNER = ("a peft tuner internal; lorafuse has no separate tuner object (the Lor
 # peft / transformers names we do not implement -> why, and what to do instead. LoraModel.__getattr__
 # raises AttributeError with this text instead of forwarding the name to the wrapped HF model.
 REFUSED: dict[str, str] = {
-    "push_to_hub": "uploading the adapter alone is not built yet. Fix: model.save_pretrained(dir), "
-                   "then huggingface_hub.upload_folder(folder_path=dir, repo_id=...)",
-    "create_or_update_model_card": "lorafuse writes no model card. Fix: write README.md yourself",
     "prepare_model_for_gradient_checkpointing": "Fix: call model.gradient_checkpointing_enable() and "
                                                 "model.enable_input_require_grads(), or use "
                                                 "lora_core.prepare_model_for_kbit_training(base)",
     "enable_peft_hotswap": "adapter hotswapping is not implemented. Fix: load_adapter() under a new "
                            "name, then set_adapter() and delete_adapter() the old one",
-    "subtract_mutated_init": "PiSSA / OLoRA / CorDA inits (and their conversion) are not implemented",
     "inject_adapter": "Fix: use add_adapter(adapter_name, config)",
     "get_model_config": _TUNER + ". Fix: model.config.to_dict()",
     "prefix": _TUNER,
@@ -106,10 +103,16 @@ class LoraModel(nn.Module):
             raise ValueError(f"this model holds {sorted(methods)} adapters; a {config.peft_type} adapter cannot be "
                              f"added to them (peft refuses to combine PEFT types too). Fix: wrap another copy "
                              f"of the base model.")
+        if is_prompt_method(config) and config.task_type in tasks.TASK_HEADS:
+            raise ValueError(f"task_type={config.task_type!r} with {config.peft_type}: the task's new head must "
+                             f"train in full (peft puts it in modules_to_save), which lorafuse's prompt methods do "
+                             f"not do. Fix: use LoRA, IA3 or AdaLoRA for this task.")
         if is_prompt_method(config):
             self._inject_prompt(name, config)
             self._record(name, config)
             return
+        tasks.add_task_heads(config)  # the task's head trains in full and is never a target
+        tasks.check_task_heads(self.base_model, config)
         # Record what was resolved, as peft does (None -> the architecture's default list,
         # "all-linear" -> every linear layer's path), so adapter_config.json names what was adapted.
         resolved = resolve_target_modules(self.base_model, config)
@@ -568,11 +571,25 @@ class LoraModel(nn.Module):
         (modules_to_save: the active adapter's copy); returns the Hugging Face model. This
         LoraModel holds no adapter afterwards (save_pretrained refuses)."""
         self.merge_adapter(adapter_names)
-        return self.unload()
+        # bitsandbytes' eval-mode CPU path stays off on 4-bit layers, so the returned model gives
+        # the merged LoraModel's outputs exactly (that path computes in bf16)
+        return self._unload()
 
     def unload(self) -> nn.Module:
         """Put the plain base layers back without merging (modules_to_save: the active adapter's
-        trained copy, as peft); returns the Hugging Face model."""
+        trained copy, as peft); returns the Hugging Face model, whose LoRA layers then compute as
+        the base model did before wrapping (bit for bit). Refused while adapters are merged (their
+        deltas would stay in the weights; peft returns those weights silently)."""
+        merged = sorted({n for layer in self.lora_layers().values() for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"unload() while {merged} are merged into the base weights would keep their deltas "
+                             f"there. Fix: unmerge_adapter() first for the base model, or merge_and_unload() for "
+                             f"the merged one.")
+        model = self._unload()
+        quant.restore_cpu_repack(model)  # bitsandbytes' own CPU setting, as before wrapping
+        return model
+
+    def _unload(self) -> nn.Module:
         for name, module in list(self.base_model.named_modules()):
             if isinstance(module, (LoraLinear, AdaptedAttention)):
                 _replace(self.base_model, name, module.base_layer)
@@ -583,16 +600,58 @@ class LoraModel(nn.Module):
 
     # ---- PEFT-format files (lora_core.io) --------------------------------------------------------
     def save_pretrained(self, save_directory, selected_adapters: Optional[Sequence[str]] = None,
-                        safe_serialization: bool = True, is_main_process: bool = True) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion=None) -> None:
         """Write the adapters in peft's layout: "default" at the folder root, every other adapter
         in save_directory/<name>/ (adapter_config.json + adapter_model.safetensors each).
-        selected_adapters: which ones (default: all). Nothing is written if any check fails."""
+        selected_adapters: which ones (default: all). path_initial_model_for_weight_conversion:
+        the folder this adapter was saved to right after its PiSSA / OLoRA init; the adapter is
+        then written as a rank-2r LoRA adapter that applies to the original, unmodified base
+        (peft's conversion; see lora_core.init). Nothing is written if any check fails."""
         from . import io
         if not safe_serialization:
             raise ValueError("safe_serialization=False (adapter_model.bin) is not written by lorafuse; "
                              "safetensors files load everywhere peft's .bin files do")
         if is_main_process:
-            io.save_adapters(self, save_directory, selected_adapters)
+            io.save_adapters(self, save_directory, selected_adapters,
+                             initial=path_initial_model_for_weight_conversion)
+
+    def subtract_mutated_init(self, output_state_dict: dict, adapter_name: str, kwargs=None) -> dict:
+        """peft's conversion of a PiSSA / OLoRA adapter to plain LoRA: `output_state_dict` (the
+        trained adapter, peft's keys) against adapter `adapter_name` of this model holding its
+        initial values; returns the rank-2r state dict (other tensors kept; see lora_core.init)."""
+        from . import init as lora_init
+        self._check_known([adapter_name])
+        return lora_init.convert_to_lora(output_state_dict, self.get_adapter_state_dict(adapter_name))
+
+    def loftq_errors(self, adapter_name: Optional[str] = None) -> dict:
+        """{layer path: LoftQErrors} of a LoftQ-initialised adapter (default: the active one): the
+        Frobenius error of the base quantized alone, ||W - Q||, and ||W - (Q + scaling * B A)|| after
+        each alternating iteration. Empty for other inits."""
+        name = self._active[0] if adapter_name is None else adapter_name
+        self._check_known([name])
+        return {p: layer.adapters[name].loftq_errors for p, layer in self.lora_layers().items()
+                if name in layer.adapters and hasattr(layer.adapters[name], "loftq_errors")}
+
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = "Upload adapter",
+                    commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
+                    revision: Optional[str] = None, create_pr: bool = False, max_shard_size=None,
+                    tags: Optional[Sequence[str]] = None, selected_adapters: Optional[Sequence[str]] = None):
+        """Upload the adapter(s) only, in one commit: adapter_config.json, adapter_model.safetensors
+        (every other adapter in <name>/) and a model card README.md unless the repo has one. Never
+        the base model (the wrapped model's own push_to_hub would upload all of it). Returns
+        huggingface_hub's CommitInfo. max_shard_size is accepted for peft's signature and unused:
+        an adapter file is never sharded. See lora_core.hub."""
+        from . import hub
+        return hub.push_to_hub(self, repo_id, commit_message=commit_message,
+                               commit_description=commit_description, private=private, token=token,
+                               revision=revision, create_pr=create_pr, selected_adapters=selected_adapters,
+                               tags=tags)
+
+    def create_or_update_model_card(self, output_dir) -> None:
+        """Write or update README.md in `output_dir` with the hub metadata of this adapter (peft's method)."""
+        from . import hub
+        hub.create_or_update_model_card(self, output_dir)
 
     def get_adapter_state_dict(self, adapter_name: Optional[str] = None, state_dict=None) -> dict:
         """The tensors save_pretrained writes for `adapter_name` (default: the active one), under

@@ -63,6 +63,8 @@ def in_out_features(layer: nn.Module) -> tuple[int, int]:
         return layer.weight.shape[0], layer.weight.shape[1]  # Conv1D weight is [K, N]
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
+    if isinstance(layer, nn.Embedding):  # a lookup is a linear map of one-hot ids (lora_core.embedding)
+        return layer.num_embeddings, layer.embedding_dim
     raise TypeError(f"unsupported base layer {type(layer).__name__}")
 
 
@@ -130,6 +132,8 @@ def base_weight(layer: nn.Module):
         return DenseWeight(layer.weight.T)  # Conv1D stores [K, N]; .T is a strided view [N, K]
     if isinstance(layer, nn.Linear):
         return DenseWeight(layer.weight)
+    if isinstance(layer, nn.Embedding):  # W [V, D] is the [K, N] weight of a linear map of one-hot ids
+        return DenseWeight(layer.weight.T)
     raise TypeError(f"unsupported base layer {type(layer).__name__}; LoRA wraps nn.Linear, "
                     f"transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt")
 
@@ -180,13 +184,14 @@ def dequantize_base(layer: nn.Module) -> torch.Tensor:
     return _dequantize(base_weight(layer), torch.float32).float().clone()
 
 
-def requantize_into(layer: nn.Module, W: torch.Tensor) -> None:
+def requantize_into(layer: nn.Module, W: torch.Tensor, source_dtype: Optional[torch.dtype] = None) -> None:
     """Store W [N, K] (fp32) into `layer`, in place, with the layer's own storage format.
 
     dense: copied into weight (transposed for Conv1D), cast to its dtype. 4-bit: re-quantized with
-    the same quant type, blocksize, double quantization and source dtype; packed bytes copied into
-    the existing parameter and a fresh QuantState installed. int8: re-quantized per row (new CB and
-    SCB, as bitsandbytes' Int8Params does from fp16). Quantized writes are lossy by construction.
+    the same quant type, blocksize, double quantization and source dtype (or `source_dtype`: W is
+    cast to it first, and it becomes the QuantState's dtype); packed bytes copied into the existing
+    parameter and a fresh QuantState installed. int8: re-quantized per row (new CB and SCB, as
+    bitsandbytes' Int8Params does from fp16). Quantized writes are lossy by construction.
     """
     with torch.no_grad():
         if _is_4bit(layer):
@@ -194,7 +199,7 @@ def requantize_into(layer: nn.Module, W: torch.Tensor) -> None:
             qs = _quant_state(layer)
             w = layer.weight
             packed, new_qs = bnb.functional.quantize_4bit(
-                W.to(qs.dtype).contiguous(), blocksize=qs.blocksize, compress_statistics=qs.nested,
+                W.to(source_dtype or qs.dtype).contiguous(), blocksize=qs.blocksize, compress_statistics=qs.nested,
                 quant_type=qs.quant_type, quant_storage=w.data.dtype)
             w.data.copy_(packed.reshape(w.data.shape))
             w.quant_state = new_qs
@@ -235,4 +240,13 @@ def disable_cpu_repack(model: nn.Module) -> None:
     """Stop bitsandbytes' eval-mode CPU repacking on every Linear4bit of `model` (a speed path only)."""
     for module in model.modules():
         if _is_4bit(module):
+            module.__dict__.setdefault("_cpu_repack_before_lora", getattr(module, "support_avx512bf16_for_cpu", None))
             module.support_avx512bf16_for_cpu = False
+
+
+def restore_cpu_repack(model: nn.Module) -> None:
+    """Undo disable_cpu_repack (unload: the base layers compute as bitsandbytes would without us)."""
+    for module in model.modules():
+        before = module.__dict__.pop("_cpu_repack_before_lora", None) if _is_4bit(module) else None
+        if before is not None:
+            module.support_avx512bf16_for_cpu = before

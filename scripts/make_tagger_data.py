@@ -2,7 +2,8 @@
 
 Same shape as the seeds' dataset (Abirate/english_quotes): one JSON object per line with
 "quote" (str), "author" (str) and "tags" (list of str), so `--text-template "{quote} ->: {tags}"`
-renders `The heart keeps the clock. ->: ['love', 'time']` exactly as the seeds' recipe does.
+renders `The heart keeps the clock. ->: ['love', 'time']` exactly as the seeds' recipe does; and
+"label" (str), the first tag, for sequence classification (`python -m train --task seq-cls`).
 
 The rule a model can learn: each quote contains one or two keywords, each keyword belongs to one
 topic, and the tags are the topics of the keywords present, in the fixed TOPICS order. Everything
@@ -48,7 +49,7 @@ AUTHORS = ["Ada Lane", "Bo Ruiz", "Cy Moss", "Di Park", "Ed Vance", "Flo Kim", "
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
-    """n rows, each {"quote", "author", "tags"}; tags follow TOPICS order."""
+    """n rows, each {"quote", "author", "tags", "label"}; tags follow TOPICS order, label = tags[0]."""
     rng = random.Random(seed)
     topics = list(TOPICS)
     rows = []
@@ -60,7 +61,9 @@ def make_rows(n: int, seed: int) -> list[dict]:
         quote = frame.format(a=words[0], b=words[-1])
         quote = quote[0].upper() + quote[1:]
         tags = [t for t in topics if t in chosen]
-        rows.append({"quote": quote, "author": rng.choice(AUTHORS), "tags": tags})
+        # label: one class per quote for `--task seq-cls` (the first tag), drawn from no random number,
+        # so the other columns and every run on them stay as they were
+        rows.append({"quote": quote, "author": rng.choice(AUTHORS), "tags": tags, "label": tags[0]})
     return rows
 
 

@@ -3,6 +3,10 @@
 Parameter names map one to one (P = module path in the HF model, X = a modules_to_save module):
 
     ours  base_model.P.adapters.<name>.lora_A.weight      peft  base_model.model.P.lora_A.<name>.weight
+    ours  base_model.P.adapters.<name>.lora_B.bias        peft  base_model.model.P.lora_B.<name>.bias
+    ours  base_model.P.adapters.<name>.lora_magnitude_vector
+                                                          peft  base_model.model.P.lora_magnitude_vector.<name>.weight
+    ours  base_model.P.adapters.<name>.lora_embedding_A   peft  base_model.model.P.lora_embedding_A.<name>
     ours  base_model.X.modules_to_save.<name>.k           peft  base_model.model.X.modules_to_save.<name>.k
 """
 from __future__ import annotations
@@ -38,6 +42,8 @@ def no_cpu_repack(model):
 def peft_name(ours: str) -> str:
     """Our parameter name -> peft's for the same tensor (see the module docstring)."""
     name = "base_model.model." + ours[len("base_model."):]
+    name = re.sub(r"\.adapters\.([^.]+)\.lora_magnitude_vector$", r".lora_magnitude_vector.\1.weight", name)
+    name = re.sub(r"\.adapters\.([^.]+)\.(lora_embedding_[AB])$", r".\2.\1", name)
     return re.sub(r"\.adapters\.([^.]+)\.(lora_[AB])\.", r".\2.\1.", name)
 
 

@@ -12,6 +12,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers + DataLoader fork warning
+    from .quiet import quiet_start
+
+    quiet_start()  # before anything imports bitsandbytes
     from .config import parse_args
 
     cfg = parse_args(argv)  # argparse exits 2 itself on unknown flags / bad choices

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import TrainError
 
@@ -63,11 +64,60 @@ def _num(x: float) -> str:
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, *, gt: float | None = None,
-       ge: float | None = None, lt: float | None = None, le: float | None = None, nonempty: bool = False):
+       ge: float | None = None, lt: float | None = None, le: float | None = None, nonempty: bool = False,
+       valid: str = "", check: Callable[[Any], str | None] | None = None):
     """A TrainConfig field: its default, CLI help and valid values (choices, numeric bounds, or a
-    string that must not be empty). Floats must also be finite."""
+    string that must not be empty; or `valid`, the rule in words, with `check(value)` returning what
+    is wrong with a value, or None). Floats must also be finite."""
     return field(default=default, metadata={"help": help, "choices": choices, "bounds": Bounds(gt, ge, lt, le),
-                                            "nonempty": nonempty})
+                                            "nonempty": nonempty, "valid": valid, "check": check})
+
+
+# ---- the LoRA options that lora_core.LoraConfig validates ------------------------------------------
+def lora_value(name: str, value: Any) -> Any:
+    """A TrainConfig LoRA option as LoraConfig takes it: init_lora_weights "true"/"false" -> bool;
+    comma lists -> lists ("" -> None); layers_to_transform -> ints; rank/alpha patterns: JSON
+    objects. ValueError (naming the expected form) when the text cannot be read."""
+    if name == "init_lora_weights":
+        return {"true": True, "false": False}.get(value.lower(), value)
+    if name in ("rank_pattern", "alpha_pattern"):
+        try:
+            out = json.loads(value or "{}")
+        except json.JSONDecodeError:
+            out = None
+        if not isinstance(out, dict):
+            raise ValueError(f'must be a JSON object {{"name regex": number}}, e.g. {{"down_proj": 4}}')
+        return out
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if name == "layers_to_transform":
+        if not all(v.lstrip("-").isdigit() for v in items):
+            raise ValueError("must be comma-separated layer indices, e.g. 0,1,2")
+        return [int(v) for v in items] or None
+    return items or None  # exclude_modules, modules_to_save, layers_pattern
+
+
+def _lora_check(name: str) -> Callable[[Any], str | None]:
+    """check= for a LoRA option: what lora_core.LoraConfig says about this value on its own (rules
+    that involve two options, e.g. lora_bias with use_dora, are checked with the whole config). The
+    default is valid without asking: importing lora_core imports bitsandbytes, which logs a line
+    about our `kernels` package (tests/test_name_clash.py), and a plain run's check stays silent."""
+    def check(value: Any) -> str | None:
+        if value == TrainConfig.__dataclass_fields__[name].default:
+            return None
+        from lora_core import LoraConfig
+
+        try:
+            kwargs = {name: lora_value(name, value)}
+            if kwargs.get("init_lora_weights") == "loftq":
+                kwargs["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+            LoraConfig(**kwargs)
+        except (ValueError, TypeError) as e:
+            return f"is not valid: {str(e).splitlines()[0]}"
+        return None
+    return check
+
+
+INIT_CHOICES = "true, false, gaussian, orthogonal, pissa, pissa_niter_<N>, olora or loftq"
 
 
 @dataclass
@@ -86,6 +136,12 @@ class TrainConfig:
                                      "bfloat16, the compute dtype", ("uint8", "bfloat16", "float16", "float32"))
     fsdp: bool = _f(False, "shard the frozen base and the LoRA weights over the processes with FSDP2 "
                     "(through Accelerate); launch >= 2 processes with torchrun or accelerate launch")
+    task: str = _f("lm", "lm: language modelling (causal, or seq2seq for an encoder-decoder --model); "
+                   "seq-cls: sequence classification (the text is --text-template up to "
+                   "--completion-separator, the class is --label-column; accuracy in the eval)",
+                   ("lm", "seq-cls"))
+    label_column: str = _f("label", "the column holding each row's class with --task seq-cls (one string "
+                           "or integer per row)", nonempty=True)
     # --- LoRA --------------------------------------------------------------------------------
     r: int = _f(16, "LoRA rank", gt=0)
     lora_alpha: float = _f(32.0, "LoRA alpha; scaling = lora_alpha / r", gt=0)
@@ -94,6 +150,29 @@ class TrainConfig:
                              nonempty=True)
     kernel: str = _f("auto", "LoRA forward/backward backend (triton needs CUDA, or TRITON_INTERPRET=1 on CPU)",
                      ("auto", "torch", "triton"))
+    use_rslora: bool = _f(False, "rsLoRA: scaling = lora_alpha / sqrt(r)")
+    use_dora: bool = _f(False, "DoRA: a trained magnitude per output row times the direction of W + "
+                        "scaling * B @ A (runs in PyTorch, not fused)")
+    init_lora_weights: str = _f("true", "LoRA init, peft's names: true = A kaiming-uniform, B zeros; "
+                                "orthogonal needs an even r; pissa, pissa_niter_<N> (fast SVD), olora and "
+                                "loftq (see --loftq-bits) rewrite the base weight as peft does",
+                                valid=INIT_CHOICES, check=_lora_check("init_lora_weights"))
+    loftq_bits: int = _f(4, "LoftQ's quantization: 4 (nf4) or 8 (int8); with --init-lora-weights loftq", (4, 8))
+    loftq_iter: int = _f(1, "LoftQ's alternating quantize / SVD iterations", ge=1)
+    lora_bias: bool = _f(False, "a trained bias on lora_B (init true or false; not with --use-dora)")
+    bias: str = _f("none", "base biases to train with the adapter", ("none", "all", "lora_only"))
+    exclude_modules: str = _f("", "comma-separated module names never adapted (empty: none)",
+                              check=_lora_check("exclude_modules"))
+    modules_to_save: str = _f("", "comma-separated modules trained in full and saved with the adapter, "
+                              "e.g. lm_head (empty: none)", check=_lora_check("modules_to_save"))
+    layers_to_transform: str = _f("", "comma-separated layer indices to adapt (empty: all layers)",
+                                  valid="comma-separated integers", check=_lora_check("layers_to_transform"))
+    layers_pattern: str = _f("", "name of the layer list --layers-to-transform counts in, e.g. layers "
+                             "(empty: peft's rule)", check=_lora_check("layers_pattern"))
+    rank_pattern: str = _f("{}", 'JSON {"name regex": r} overriding --r per module, e.g. {"down_proj": 4}',
+                           valid="a JSON object", check=_lora_check("rank_pattern"))
+    alpha_pattern: str = _f("{}", 'JSON {"name regex": alpha} overriding --lora-alpha per module',
+                            valid="a JSON object", check=_lora_check("alpha_pattern"))
     # --- the PEFT method (lora_core.methods); each method's flags say which method they belong to
     method: str = _f("lora", "PEFT method: lora; ia3 (learned per-feature scales); adalora (SVD-form LoRA "
                      "whose ranks are pruned while training); adaption-prompt (Llama-Adapter: prompts with "
@@ -139,6 +218,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = _f(32, "eval batch size per process", gt=0)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", gt=0)
     learning_rate: float = _f(3e-3, "peak learning rate of AdamW", gt=0, le=FLOAT32_MAX)
+    loraplus_lr_ratio: float = _f(0.0, "LoRA+: lora_B (and 1-D adapter tensors) learn at this times "
+                                  "--learning-rate, peft's create_loraplus_optimizer (0: off)", ge=0)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
     warmup_steps: int = _f(50, "linear warm-up steps", ge=0)
     lr_scheduler_type: str = _f("linear", "schedule after warm-up (transformers.get_scheduler)",
@@ -206,6 +287,8 @@ def rule(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("choices"):
         return "one of " + ", ".join(map(str, m["choices"]))
+    if m.get("valid"):
+        return m["valid"]
     if _type(f) in ("int", "float"):
         return (m.get("bounds") or Bounds()).rule(_type(f) == "float")
     return "not empty" if m.get("nonempty") else ""
@@ -231,7 +314,22 @@ def value_problem(f: dataclasses.Field, value: Any) -> str | None:
         return f"must be {rule(f)}"
     if m.get("nonempty") and not value.strip():
         return "must not be empty"
+    if m.get("check"):
+        return m["check"](value)
     return None
+
+
+def lora_kwargs(cfg: TrainConfig) -> dict:
+    """The lora_core.LoraConfig keyword arguments of a run's LoRA options (task_type aside)."""
+    as_is = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "lora_bias", "bias")
+    parsed = ("init_lora_weights", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
+              "rank_pattern", "alpha_pattern")
+    out = {n: getattr(cfg, n) for n in as_is} | {n: lora_value(n, getattr(cfg, n)) for n in parsed}
+    tm = cfg.target_modules
+    out["target_modules"] = tm if tm == "all-linear" else [t.strip() for t in tm.split(",") if t.strip()]
+    if out["init_lora_weights"] == "loftq":
+        out["loftq_config"] = {"loftq_bits": cfg.loftq_bits, "loftq_iter": cfg.loftq_iter}
+    return out
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -248,8 +346,19 @@ def check_config(cfg: TrainConfig) -> None:
     check_method(cfg)
 
 
+# The LoRA variant options (issue 13): only --method lora reads them
+LORA_OPTIONS = ("use_rslora", "use_dora", "init_lora_weights", "loftq_bits", "loftq_iter", "lora_bias", "bias",
+                "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern",
+                "alpha_pattern", "loraplus_lr_ratio")
+
+
 def check_method(cfg: TrainConfig) -> None:
     """The combinations a --method cannot take (its own values are checked by their fields)."""
+    if cfg.method != "lora":
+        given = [flag(n) for n in LORA_OPTIONS if getattr(cfg, n) != fields()[n].default]
+        if given:
+            raise TrainError(f"{', '.join(given)}: LoRA option(s) that --method {cfg.method} does not take; "
+                             f"drop them or use --method lora")
     if cfg.method == "adalora":
         if cfg.max_steps > 0 and cfg.tinit >= cfg.max_steps - cfg.tfinal:
             raise TrainError(f"--tinit {cfg.tinit} and --tfinal {cfg.tfinal} leave no steps for adalora's rank "
@@ -263,6 +372,9 @@ def check_method(cfg: TrainConfig) -> None:
                          f"not a weight change, so there is no merged model; drop --merge")
     if cfg.prompt_tuning_init == "TEXT" and not cfg.prompt_tuning_init_text.strip():
         raise TrainError("--prompt-tuning-init TEXT needs --prompt-tuning-init-text")
+    if cfg.task == "seq-cls" and cfg.method in PROMPT_METHODS:
+        raise TrainError(f"--task seq-cls with --method {cfg.method}: the new classification head must train in "
+                         f"full, which lorafuse's prompt methods do not do; use --method lora, ia3 or adalora")
 
 
 def resume_mismatches(stored: dict, cfg: TrainConfig) -> list[str]:

@@ -255,6 +255,53 @@ def tokenize_seq2seq(ds: datasets.Dataset, tokenizer, template: str, separator: 
     return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenize")
 
 
+def classification_text(template: str, separator: str) -> str:
+    """The text a classifier reads: the template up to the completion separator (its prompt part,
+    so the default "{quote} ->: {tags}" gives "{quote}": the tags would give the class away), or
+    the whole template when the separator does not occur in it."""
+    i = template.find(separator) if separator else -1
+    return template if i < 0 else template[:i]
+
+
+def class_ids(dsd: datasets.DatasetDict, column: str, name: str) -> dict:
+    """{class value: id} over every split, values sorted (strings or integers); TrainError when the
+    column is missing, empty in a row, not one scalar per row, or holds fewer than two classes."""
+    values = set()
+    for split, ds in dsd.items():
+        if column not in ds.column_names:
+            raise TrainError(f"--label-column {column!r} is not a column of {name}; its columns are: "
+                             f"{', '.join(ds.column_names)}")
+        for i, v in enumerate(ds[column]):
+            if v is None or isinstance(v, (list, dict, float)):
+                what = "has no value" if v is None else f"holds {type(v).__name__} {v!r}"
+                raise TrainError(f"row {i + 1} of the {split} split of {name} {what} in --label-column "
+                                 f"{column!r}; each row needs one class (a string or an integer)")
+            values.add(v)
+    if len(values) < 2:
+        raise TrainError(f"--label-column {column!r} of {name} holds {len(values)} class(es) "
+                         f"({sorted(values, key=str)}); classification needs at least two")
+    if len({type(v) for v in values}) > 1:
+        raise TrainError(f"--label-column {column!r} of {name} mixes strings and numbers; use one kind")
+    return {v: i for i, v in enumerate(sorted(values))}
+
+
+def tokenize_classification(ds: datasets.Dataset, tokenizer, template: str, label_column: str,
+                            classes: dict, max_length: int) -> datasets.Dataset:
+    """Rows -> {input_ids: text tokens (truncated to max_length), labels: the class id (an int)}."""
+
+    def fn(batch):
+        enc = tokenizer(render(template, batch), truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "labels": [classes[v] for v in batch[label_column]]}
+
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenize")
+
+
+def target_count(labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """What one batch's loss averages over: target tokens of labels [B, T] (position >= shift, not
+    -100), or the rows of class labels [B] (sequence classification)."""
+    return torch.tensor(labels.numel()) if labels.dim() == 1 else (labels[:, shift:] != -100).sum()
+
+
 def pack(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
     """Concatenate all examples and cut into max_length blocks (the tail shorter than a block is
     dropped). Attention still spans example boundaries, as in HF's run_clm example."""
@@ -270,21 +317,26 @@ def pack(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
 
 
 class Collator:
-    """Right-pad a list of {input_ids, labels} to the longest; labels -100 on padding."""
+    """Right-pad a list of {input_ids, labels} to the longest; labels -100 on padding. Class
+    labels (one int per row, sequence classification) become labels [B]."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
+        classes = isinstance(rows[0]["labels"], int)
         n = max(len(r["input_ids"]) for r in rows)
-        m = max(len(r["labels"]) for r in rows)
+        m = 0 if classes else max(len(r["labels"]) for r in rows)
         ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)  # [B, T]
         att = torch.zeros((len(rows), n), dtype=torch.long)  # [B, T]
         lab = torch.full((len(rows), m), -100, dtype=torch.long)  # [B, T'] (T' = T for causal)
         for i, r in enumerate(rows):
             ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
             att[i, : len(r["input_ids"])] = 1
-            lab[i, : len(r["labels"])] = torch.tensor(r["labels"])
+            if not classes:
+                lab[i, : len(r["labels"])] = torch.tensor(r["labels"])
+        if classes:
+            lab = torch.tensor([r["labels"] for r in rows])  # [B] class ids
         return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 

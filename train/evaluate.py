@@ -13,8 +13,12 @@ def token_losses(model, batch: dict, seq2seq: bool) -> tuple[torch.Tensor, torch
     """Per-example (sum of token cross-entropies [B], number of target tokens [B]).
 
     The loop normalises by the token count of the whole global batch itself, so the gradient does
-    not depend on how the batch is split into micro-batches or processes.
+    not depend on how the batch is split into micro-batches or processes. Class labels [B]
+    (sequence classification): the cross-entropy of each row's class, and a count of 1 per row.
     """
+    if batch["labels"].dim() == 1:
+        ce = F.cross_entropy(_class_logits(model, batch), batch["labels"], reduction="none")  # [B]
+        return ce, torch.ones_like(batch["labels"])
     if seq2seq:
         # labels make the model build decoder inputs (labels shifted right); logits align with labels.
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -29,20 +33,35 @@ def token_losses(model, batch: dict, seq2seq: bool) -> tuple[torch.Tensor, torch
     return ce.sum(dim=1), (target != -100).sum(dim=1)  # [B], [B]
 
 
+def _class_logits(model, batch: dict) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # [B, C]
+
+
 @torch.no_grad()
 def eval_loss(model, eval_dl, accelerator, seq2seq: bool) -> dict:
-    """Mean token loss over the eval set (all processes) and its perplexity."""
+    """Mean token loss over the eval set (all processes) and its perplexity; for sequence
+    classification (class labels [B]) the mean loss per row and the accuracy."""
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    total, count, correct = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+    classify = False
     for batch in eval_dl:
-        s, n = token_losses(model, batch, seq2seq)
         # gather_for_metrics drops the samples Accelerate duplicated to even out the last batch.
-        s, n = accelerator.gather_for_metrics((s, n))
+        if batch["labels"].dim() == 1:
+            classify = True
+            logits = _class_logits(model, batch)  # [B, C]
+            s = F.cross_entropy(logits, batch["labels"], reduction="none")  # [B]
+            s, hit = accelerator.gather_for_metrics((s, logits.argmax(-1) == batch["labels"]))
+            n = torch.ones_like(s)
+            correct += hit.double().sum().cpu()
+        else:
+            s, n = accelerator.gather_for_metrics(token_losses(model, batch, seq2seq))
         total += s.double().sum().cpu()
         count += n.double().sum().cpu()
     model.train()
     # No target token at all (the data checks refuse that before training): NaN, never a loss of 0.
     loss = (total / count).item() if count > 0 else float("nan")
+    if classify:
+        return {"eval_loss": loss, "accuracy": (correct / count).item()}
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -96,7 +115,7 @@ def plot_losses(log: list[dict], path: Path) -> None:
     if ev:
         ax.plot(*zip(*ev), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("token cross-entropy")
+    ax.set_ylabel("cross-entropy (per token; per row when classifying)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -96,6 +96,10 @@ def check(cfg: TrainConfig) -> None:
         raise TrainError(f"--fsdp with --method {cfg.method}: sharding is built and tested for --method lora "
                          f"only (adalora's rank allocation reads whole gradients, each process holds shards; "
                          f"the other methods were not run sharded); use --method lora or no --fsdp")
+    if cfg.task != "lm":
+        raise TrainError(f"--fsdp with --task {cfg.task}: sharding is built and tested for language models only "
+                         f"(a classifier's head, trained in full as a module to save, was not run sharded); "
+                         f"drop --fsdp")
     if cfg.quantization == "int8":
         raise TrainError("--fsdp cannot shard an int8 base: bitsandbytes keeps its int8 scales (SCB) on the "
                          "parameter and in layer state that FSDP's sharded parameters drop; use "

@@ -44,7 +44,8 @@ __all__ = ["run", "preflight", "train_loop", "TrainResult", "TrainError", "Train
 
 @dataclass
 class TrainResult:
-    """What a run produced. `before`/`after`: eval_loss, perplexity, tag_exact_match."""
+    """What a run produced. `before`/`after`: eval_loss, perplexity, tag_exact_match (--task lm) or
+    eval_loss, accuracy, tag_exact_match None (--task seq-cls)."""
 
     output_dir: Path
     adapter_dir: Path
@@ -95,6 +96,9 @@ def preflight(cfg: TrainConfig) -> Path | None:
         problem = _triton_precision_problem(cfg)
         if problem:
             raise TrainError(problem)
+        if cfg.use_dora:  # the layer would refuse at the first forward; say it before any work
+            raise TrainError("--kernel triton cannot run --use-dora: the triton kernels do not fuse DoRA's "
+                             "magnitude / norm scale; use --kernel auto (the DoRA term in PyTorch) or torch")
     fsdp.check(cfg)
     if cfg.report_to == "tensorboard" and not _tensorboard_installed():
         raise TrainError("--report-to tensorboard needs the tensorboard package; install it or use "
@@ -139,17 +143,9 @@ def _triton_precision_problem(cfg: TrainConfig) -> str | None:
 def _check_writable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise TrainError(f"--output-dir {out} exists and is not a directory; choose another path")
-    anc = out
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise TrainError(f"--output-dir {out} cannot be created: {anc} is a file; choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=anc):
-            pass
-    except OSError as e:
-        raise TrainError(f"--output-dir {out} is not writable ({e.strerror} in {anc}); "
-                         f"choose a writable path") from None
+    why = outputs.unwritable_reason(out)
+    if why:
+        raise TrainError(f"--output-dir {out} {why}; choose a writable path")
 
 
 def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult:
@@ -194,14 +190,25 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     seq2seq = is_seq2seq(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     global_batch = cfg.per_device_train_batch_size * world * accum
+    classify = cfg.task == "seq-cls"
     with accelerator.main_process_first():
         raw = D.load_raw(cfg.dataset)
         train_raw, eval_raw = D.split_eval(raw, cfg.dataset, cfg.eval_split_size, cfg.seed)
-        D.check_template(cfg.text_template, train_raw.column_names, cfg.completion_separator,
-                         cfg.completion_only_loss or seq2seq)
-        D.check_rows(raw, cfg.text_template, cfg.dataset)
+        # a classifier reads the template's prompt part; its class comes from --label-column
+        text_tpl = D.classification_text(cfg.text_template, cfg.completion_separator) if classify \
+            else cfg.text_template
+        D.check_template(text_tpl, train_raw.column_names, cfg.completion_separator,
+                         not classify and (cfg.completion_only_loss or seq2seq))
+        D.check_rows(raw, text_tpl, cfg.dataset)
         _check_fits(len(train_raw), global_batch, cfg, world, "rows")
-        if seq2seq:
+        if classify:
+            classes = D.class_ids(raw, cfg.label_column, cfg.dataset)
+            if cfg.label_column in D.template_fields(text_tpl):
+                raise TrainError(f"--text-template's text {text_tpl!r} names --label-column {cfg.label_column!r}: "
+                                 f"the classifier would read its answer")
+            train_tok, eval_tok = (D.tokenize_classification(r, tokenizer, text_tpl, cfg.label_column, classes,
+                                                             cfg.max_length) for r in (train_raw, eval_raw))
+        elif seq2seq:
             train_tok = D.tokenize_seq2seq(train_raw, tokenizer, cfg.text_template,
                                            cfg.completion_separator, cfg.max_length)
             eval_tok = D.tokenize_seq2seq(eval_raw, tokenizer, cfg.text_template,
@@ -210,9 +217,10 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
             tok = dict(tokenizer=tokenizer, template=cfg.text_template, separator=cfg.completion_separator,
                        completion_only=cfg.completion_only_loss, max_length=cfg.max_length)
             train_tok, eval_tok = D.tokenize_causal(train_raw, **tok), D.tokenize_causal(eval_raw, **tok)
-        D.check_targets({"train": train_tok, "eval": eval_tok}, 0 if seq2seq else 1, cfg.max_length,
-                        warn=main)
-        if cfg.packing and not seq2seq:
+        if not classify:
+            D.check_targets({"train": train_tok, "eval": eval_tok}, 0 if seq2seq else 1, cfg.max_length,
+                            warn=main)
+        if cfg.packing and not seq2seq and not classify:
             train_tok, eval_tok = D.pack(train_tok, cfg.max_length), D.pack(eval_tok, cfg.max_length)
             _check_fits(len(train_tok), global_batch, cfg, world, "packed blocks")
             if len(eval_tok) == 0:
@@ -226,7 +234,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
                           collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
     eval_dl = DataLoader(eval_tok, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
                          generator=torch.Generator().manual_seed(cfg.seed))
-    prompt_tpl = D.split_template(cfg.text_template, cfg.completion_separator)
+    prompt_tpl = None if classify else D.split_template(cfg.text_template, cfg.completion_separator)
     n_tag = min(cfg.tag_eval_samples, len(eval_raw)) if prompt_tpl else 0
     tag_rows = eval_raw.select(range(max(n_tag, min(cfg.num_sample_generations, len(eval_raw)))))
     tag_rows = tag_rows.to_dict() if len(tag_rows) else {}
@@ -239,7 +247,11 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
     # Under FSDP a quantized base is loaded on the CPU and FSDP moves each process's shards to its
     # device (the whole quantized model need not fit one GPU); unquantized bases load on the CPU anyway.
     base = load_base_model(cfg.model, cfg.quantization, cfg.seed, "cpu" if sharded else accelerator.device,
-                           cfg.bnb_4bit_quant_storage)
+                           cfg.bnb_4bit_quant_storage, num_labels=len(classes) if classify else None)
+    if classify:  # the head reads the last real token: it needs the pad id; the classes keep their names
+        base.config.pad_token_id = tokenizer.pad_token_id
+        base.config.id2label = {i: str(v) for v, i in classes.items()}
+        base.config.label2id = {str(v): i for v, i in classes.items()}
     if cfg.quantization != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
@@ -259,7 +271,13 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
 
     # 5. Optimizer over the trainable (adapter) parameters only, warm-up + decay schedule.
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_lr_ratio > 0:  # LoRA+: peft's four parameter groups (lora_B at ratio x lr)
+        from lora_core import create_loraplus_optimizer
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
+                                              loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                              loraplus_weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = transformers.get_scheduler(cfg.lr_scheduler_type, optimizer,
                                            num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
@@ -336,7 +354,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
                 for _ in range(done_in_epoch, steps_per_epoch):
                     window = [next(batches) for _ in range(accum)]
                     shift = 0 if seq2seq else 1
-                    n_tok = sum((b["labels"][:, shift:] != -100).sum() for b in window)
+                    n_tok = sum(D.target_count(b["labels"], shift) for b in window)
                     n_tok_all = accelerator.reduce(n_tok.clone(), reduction="sum").clamp(min=1)  # sync point
                     loss_sum = torch.zeros((), device=accelerator.device)
                     for batch in window:
@@ -514,7 +532,7 @@ def _write_outputs(cfg, lora, tokenizer, out: Path, log: list[dict], step: int, 
     try:
         plot_losses(log, out / "loss.png")
         if cfg.merge:
-            _save_merged(cfg, adapter, tokenizer, out / "merged")
+            _save_merged(cfg, adapter, tokenizer, out / "merged", lora.config)
     except OSError as e:
         return TrainFailed(f"wrote {adapter}, but could not write {e.filename or 'the outputs'} "
                            f"({e.strerror or e}); the adapter is complete", adapter)
@@ -550,15 +568,20 @@ def _tag_score(accelerator, model, tokenizer, prompts, refs, cfg, seq2seq) -> fl
     return accelerator.reduce(score, reduction="sum").item()  # share the main process's number
 
 
-def _save_merged(cfg: TrainConfig, adapter_dir: Path, tokenizer, merged_dir: Path) -> None:
+def _save_merged(cfg: TrainConfig, adapter_dir: Path, tokenizer, merged_dir: Path, trained_config) -> None:
     """Reload the base unquantized, apply the saved adapter, merge, save model + tokenizer.
 
     As the QLoRA recipe does: merging into a 4-bit / int8 base would re-quantize the sum and lose
     the update's precision, so the merged model is full precision whatever --quantization was.
+    trained_config: the trained model's HF config (a classifier's classes and pad id carry over).
     """
     from lora_core import LoraModel
 
-    base = load_base_model(cfg.model, "none", cfg.seed)
+    classify = cfg.task == "seq-cls"
+    base = load_base_model(cfg.model, "none", cfg.seed, num_labels=trained_config.num_labels if classify else None)
+    if classify:
+        for key in ("pad_token_id", "id2label", "label2id"):
+            setattr(base.config, key, getattr(trained_config, key))
     merged = LoraModel.from_pretrained(base, adapter_dir).merge_and_unload()
     outputs.write_folder(merged_dir, lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)))
 
@@ -587,9 +610,12 @@ def _print_summary(before: dict, after: dict, samples: list[dict], out: Path, se
     print(f"\ntrained {steps} steps in {secs:.1f}s")
     print(f"{'':18s}{'before':>12s}{'after':>12s}")
     print(f"{'eval loss':18s}{fmt(before['eval_loss']):>12s}{fmt(after['eval_loss']):>12s}")
-    print(f"{'perplexity':18s}{fmt(before['perplexity']):>12s}{fmt(after['perplexity']):>12s}")
-    print(f"{'tag exact match':18s}{fmt(before.get('tag_exact_match'), True):>12s}"
-          f"{fmt(after.get('tag_exact_match'), True):>12s}")
+    if "accuracy" in after:  # --task seq-cls
+        print(f"{'accuracy':18s}{fmt(before.get('accuracy'), True):>12s}{fmt(after['accuracy'], True):>12s}")
+    else:
+        print(f"{'perplexity':18s}{fmt(before['perplexity']):>12s}{fmt(after['perplexity']):>12s}")
+        print(f"{'tag exact match':18s}{fmt(before.get('tag_exact_match'), True):>12s}"
+              f"{fmt(after.get('tag_exact_match'), True):>12s}")
     for s in samples:
         print(f"\nprompt:    {s['prompt']!r}\ngenerated: {s['generated']!r}\nreference: {s['reference']!r}")
     print(f"\nwrote {out}/log.jsonl, {out}/loss.png, {out}/adapter/" + (f", {merged_dir}/" if merged_dir else ""))

@@ -108,7 +108,7 @@ def lora_config(cfg: TrainConfig, seq2seq: bool, total_steps: int | None = None)
     lora_core refuses a value). total_steps: AdaLoRA's schedule length (default: --max-steps)."""
     import lora_core
 
-    task = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    task = "SEQ_CLS" if cfg.task == "seq-cls" else "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
     targets = _names(cfg.target_modules)
     try:
         if cfg.method == "ia3":
@@ -129,10 +129,11 @@ def lora_config(cfg: TrainConfig, seq2seq: bool, total_steps: int | None = None)
                 num_virtual_tokens=cfg.num_virtual_tokens, task_type=task, prompt_tuning_init=cfg.prompt_tuning_init,
                 prompt_tuning_init_text=cfg.prompt_tuning_init_text if text else None,
                 tokenizer_name_or_path=cfg.model if text else None)
-        return lora_core.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                    target_modules=targets, task_type=task)
-    except ValueError as e:
-        raise TrainError(f"--method {cfg.method}: {str(e).splitlines()[0]}") from None
+        from .config import lora_kwargs
+        return lora_core.LoraConfig(**lora_kwargs(cfg), task_type=task)
+    except ValueError as e:  # for LoRA, a rule between options (e.g. --lora-bias with --use-dora)
+        what = "LoRA options" if cfg.method == "lora" else f"--method {cfg.method}"
+        raise TrainError(f"{what}: {str(e).splitlines()[0]}") from None
 
 
 def _num_layers(model_name: str) -> int:
@@ -149,8 +150,13 @@ def check_target_modules(cfg: TrainConfig) -> None:
 
     config = model_config(cfg.model)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if seq2seq and cfg.task == "seq-cls":
+        raise TrainError(f"--task seq-cls: --model {cfg.model} is an encoder-decoder; classify with a "
+                         f"decoder-only (Llama-like) or encoder (BERT-like) model")
     lcfg = lora_config(cfg, seq2seq)
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    if cfg.task == "seq-cls":
+        auto = transformers.AutoModelForSequenceClassification
     try:
         with init_empty_weights():
             skeleton = auto.from_config(config)
@@ -233,8 +239,11 @@ def load_tokenizer(model_name: str):
 
 
 def load_base_model(model_name: str, quantization: str, seed: int,
-                    device: torch.device | str = "cpu", quant_storage: str = "uint8"):
+                    device: torch.device | str = "cpu", quant_storage: str = "uint8",
+                    num_labels: int | None = None):
     """The frozen base: bundled tiny Llama (built at `seed`) or `from_pretrained`, maybe quantized.
+    With num_labels: the model's sequence-classification form (a new head of num_labels classes,
+    drawn from the seed; the head is what --task seq-cls trains in full).
 
     A bundled model that must be quantized is first saved to a temp dir, since bitsandbytes
     quantizes in `from_pretrained`.
@@ -243,19 +252,26 @@ def load_base_model(model_name: str, quantization: str, seed: int,
     if model_name == BUILTIN_MODEL:
         if qcfg is None:
             torch.manual_seed(seed)
+            if num_labels is not None:
+                config = builtin_config()
+                config.num_labels = num_labels
+                return transformers.LlamaForSequenceClassification(config)
             return transformers.LlamaForCausalLM(builtin_config())
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             save_builtin(tmp, seed)
-            return _from_pretrained(tmp, qcfg, device)
-    return _from_pretrained(model_name, qcfg, device)
+            return _from_pretrained(tmp, qcfg, device, num_labels, seed)
+    return _from_pretrained(model_name, qcfg, device, num_labels, seed)
 
 
-def _from_pretrained(name: str, qcfg, device):
+def _from_pretrained(name: str, qcfg, device, num_labels: int | None = None, seed: int = 0):
     seq2seq = getattr(transformers.AutoConfig.from_pretrained(name), "is_encoder_decoder", False)
     cls = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     kwargs: dict = {"dtype": torch.float32}
+    if num_labels is not None:
+        cls, kwargs["num_labels"] = transformers.AutoModelForSequenceClassification, num_labels
+        torch.manual_seed(seed)  # the new head is drawn at load
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         # bitsandbytes puts the weights where they are used: this process's device.

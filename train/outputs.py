@@ -36,6 +36,23 @@ COMPLETE = ".complete"  # inside PREVIOUS: every entry of the earlier run was mo
 PAUSE_ENV = "LORAFUSE_TEST_REPLACE_PAUSE"
 
 
+def unwritable_reason(folder: Path) -> str | None:
+    """Why `folder` cannot be written or created (its nearest existing ancestor is a file, or a
+    temp file cannot be made there), or None when it can. Checked before any work; writes nothing
+    that stays."""
+    anc = folder
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"cannot be created: {anc} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        return f"is not writable ({e.strerror} in {anc})"
+    return None
+
+
 def run_entries(out: Path) -> list[Path]:
     """What an earlier run left in `out` (its files, folders and checkpoints): checkpoints by step,
     then the rest by name."""

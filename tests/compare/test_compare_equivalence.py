@@ -13,7 +13,7 @@ from compare.models import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 # Rows every run must produce (prefixes of Row.check), so a check that silently vanished fails here.
-EXPECTED = ["trainable parameters", "forward logits (train mode)", "forward logits (inference",
+EXPECTED = ["trainable parameters", "init ", "forward logits (train mode)", "forward logits (inference",
             "gradients of every A and B", "training trajectory", "our adapter file -> peft",
             "peft adapter file -> ours", "merged weights", "merged outputs", "second adapter",
             "mixed batch"]
@@ -29,6 +29,39 @@ def test_equivalence_passes_on_tiny_default(quantization):
     # The LoRA weights were non-zero, so the comparison compared something: B != 0 moves the logits.
     assert report.info["lora_layers"] > 0
     assert "RESULT: PASS" in text
+
+
+@pytest.mark.parametrize("variant", [
+    dict(use_dora=True),
+    dict(use_dora=True, init_lora_weights="pissa_niter_2"),
+    dict(init_lora_weights="olora", quantization="nf4"),
+    dict(init_lora_weights="orthogonal", use_rslora=True),
+    dict(lora_bias=True, init_lora_weights="false"),  # Llama's layers have no bias: both refuse to merge
+], ids=["dora", "dora-pissa_niter", "olora-nf4", "orthogonal-rslora", "lora_bias"])
+def test_equivalence_passes_for_the_variants(variant):
+    """Issue 13: `compare equivalence --use-dora` and the other axes pass, every row."""
+    report = run_equivalence(ModelSpec(model="tiny", seq=8, **variant), steps=2)
+    text = report.format()
+    assert report.ok, text
+    for prefix in EXPECTED:
+        assert report.row(prefix).ok, text
+    if variant.get("use_dora"):
+        assert "lora_magnitude_vector" in report.row("gradients").check
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--quantization", "nf4", "--init-lora-weights", "pissa"], "peft's PiSSA refuses quantized bases"),
+    (["--quantization", "int8", "--use-dora"], "peft's DoRA on an int8 base fails on CPU"),
+    (["--init-lora-weights", "orthogonal", "--r", "5"], "needs an even rank"),
+    (["--use-dora", "--lora-bias"], "lora_bias=True is not supported with use_dora"),
+    (["--init-lora-weights", "corda"], "init_lora_weights='corda': not supported"),
+])
+def test_variant_combinations_peft_or_we_refuse_fail_before_any_work(args, match, capsys):
+    if "int8" in args and __import__("torch").cuda.is_available():
+        pytest.skip("peft's int8 DoRA problem is CPU-only")
+    assert main(["equivalence", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err, err
 
 
 def _tamper_factory(victim: dict):
@@ -48,8 +81,8 @@ def test_broken_layer_fails_with_the_right_rows(monkeypatch, tmp_path, capsys):
     real_build = eq.build_pair
     tamper = _tamper_factory(victim)
 
-    def broken_build(spec, weights=None):
-        pair = real_build(spec, weights)
+    def broken_build(spec, weights=None, **kw):
+        pair = real_build(spec, weights, **kw)
         tamper(pair)
         return pair
 

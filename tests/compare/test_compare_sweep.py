@@ -3,6 +3,7 @@ loses earlier results (atomic writes, merged rows, failed settings named, Ctrl-C
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,34 @@ def test_sweep_cli_one_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "lora_alpha" in printed and "eval loss" in printed
     assert {p.name for p in out.iterdir()} >= {"results.csv", "results.json", "results.png"}
+
+
+@pytest.mark.slow
+def test_sweep_2x2_over_dora_and_init(tmp_path, capsys):
+    """The LoRA variants are grid keys like any TrainConfig field (issue 13): DoRA x PiSSA."""
+    out = tmp_path / "variants"
+    sets = [a for k, v in BASE.items() if k != "max_steps" for a in ("--set", f"{k}={v}")]
+    assert main(["sweep", "--grid", "use_dora=false,true", "--grid", "init_lora_weights=true,pissa", *sets,
+                 "--max-steps", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["use_dora"], r["init_lora_weights"]) for r in rows] == [
+        (False, "true"), (False, "pissa"), (True, "true"), (True, "pissa")]
+    assert all(r["error"] == "" and math.isfinite(r["eval_loss"]) for r in rows), rows
+    conf = json.loads((Path(rows[-1]["output_dir"]) / "adapter" / "adapter_config.json").read_text())
+    assert (conf["use_dora"], conf["init_lora_weights"]) == (True, "pissa")
+
+
+@pytest.mark.parametrize("grid, match", [
+    (["init_lora_weights=true,corda"], "init_lora_weights='corda' is not valid"),
+    (["use_dora=true", "lora_bias=false,true"], r"setting \{'use_dora': True, 'lora_bias': True\}: LoRA options"),
+])
+def test_sweep_refuses_bad_variant_values_before_any_run(tmp_path, capsys, fake_train, grid, match):
+    calls = fake_train(lambda cfg: fake_result())
+    args = [a for g in grid for a in ("--grid", g)]
+    assert main(["sweep", *args, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert calls == [] and not (tmp_path / "bad").exists()
 
 
 # ---- nothing of an earlier sweep is lost ----------------------------------------------------------

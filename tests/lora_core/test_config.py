@@ -37,8 +37,19 @@ def test_defaults_equal_peft():
          rank_pattern={"q": 4}, alpha_pattern={"v": 2}),
     dict(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h", exclude_modules=["x"],
          fan_in_fan_out=True, init_lora_weights=False),
+    # the variants (issue 13): DoRA, lora_bias, the inits, LoftQ's sub-config
+    dict(use_dora=True, init_lora_weights="pissa_niter_4"), dict(lora_bias=True),
+    dict(init_lora_weights="olora"), dict(init_lora_weights="orthogonal", r=4), dict(init_lora_weights="pissa"),
+    dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 2}),
 ])
-def test_json_round_trip_with_peft(tmp_path, kwargs):
+def test_json_round_trip_with_peft(tmp_path, kwargs, monkeypatch):
+    if kwargs.get("init_lora_weights") == "loftq":
+        # peft's LoraConfig refuses "loftq" unless scipy is importable (which its LoftQ code does not
+        # use, and which this project does not need): let its check pass
+        import importlib.util
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "scipy"
+                            else find_spec(name, *a))
     written = _peft_json(tmp_path, **kwargs)
     ours = LoraConfig.from_dict(written)
     # what we write has exactly peft's keys and values (so older and newer peft can read it)
@@ -56,8 +67,8 @@ def test_sets_written_as_lists():
 
 
 def test_unsupported_feature_refused():
-    d = LoraConfig().to_dict() | {"use_dora": True}
-    with pytest.raises(ValueError, match="use_dora"):
+    d = LoraConfig().to_dict() | {"use_qalora": True}
+    with pytest.raises(ValueError, match="use_qalora"):
         LoraConfig.from_dict(d)
 
 
@@ -91,7 +102,8 @@ def test_unknown_model_type_needs_explicit_targets():
 @pytest.mark.parametrize("kwargs,field", [
     (dict(r=0), "r="), (dict(r=-2), "r="), (dict(r=2.5), "r="),
     (dict(lora_dropout=1.0), "lora_dropout"), (dict(lora_dropout=-0.1), "lora_dropout"),
-    (dict(bias="some"), "bias"), (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(bias="some"), "bias"), (dict(init_lora_weights="pissa_niter_x"), "init_lora_weights"),
+    (dict(init_lora_weights="corda"), "init_lora_weights"),
     (dict(target_modules="q", layers_to_transform=[0]), "layers_to_transform"),
     (dict(layers_pattern="h"), "layers_to_transform"),
     (dict(rank_pattern={"q": 0}), "rank_pattern"), (dict(task_type="nope"), "task_type"),
@@ -99,3 +111,28 @@ def test_unknown_model_type_needs_explicit_targets():
 def test_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(init_lora_weights="orthogonal", r=5), "even rank"),
+    (dict(init_lora_weights="orthogonal", rank_pattern={"q": 3}), "even rank"),
+    (dict(init_lora_weights="loftq"), "needs loftq_config"),
+    (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 2}), "loftq_bits must be 4"),
+    (dict(init_lora_weights="loftq", loftq_config={"loftq_iter": 0}), "loftq_iter"),
+    (dict(lora_bias=True, use_dora=True), "not supported with use_dora"),
+    (dict(lora_bias=True, init_lora_weights="pissa"), "init_lora_weights True or False"),
+    (dict(use_dora="yes"), "use_dora"),
+])
+def test_variant_rules(kwargs, match):
+    """peft's rules for the variants; peft itself raises some only when the layers are built."""
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(**kwargs)
+
+
+def test_loftq_config_object_and_ignored_sub_config():
+    from lora_core import LoftQConfig
+    assert LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_iter=3)).loftq_config == {
+        "loftq_bits": 4, "loftq_iter": 3}
+    with pytest.warns(UserWarning, match="ignored"):
+        assert LoraConfig(loftq_config={"loftq_bits": 4}).loftq_config == {}
+

@@ -24,7 +24,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory) -> Path:
-    """48 rows of the bundled dataset (same shape: quote, author, tags)."""
+    """48 rows of the bundled dataset (same shape: quote, author, tags, label)."""
     rows = (ROOT / "train" / "assets" / "tagger.jsonl").read_text().splitlines()[:48]
     path = tmp_path_factory.mktemp("data") / "tagger48.jsonl"
     path.write_text("\n".join(rows) + "\n")

@@ -76,8 +76,8 @@ class TestBadInput:
         _expect(base_cfg(dataset=str(tmp_path / "nope.jsonl")), r"nope\.jsonl does not exist")
 
     def test_template_names_missing_column_lists_columns(self, base_cfg):
-        _expect(base_cfg(text_template="{text} ->: {label}"),
-                r"column\(s\) text, label that the dataset lacks; its columns are: quote, author, tags")
+        _expect(base_cfg(text_template="{text} ->: {grade}"),
+                r"column\(s\) text, grade that the dataset lacks; its columns are: quote, author, tags, label")
 
     def test_empty_dataset_file(self, base_cfg, tmp_path):
         (tmp_path / "empty.jsonl").write_text("\n")

@@ -167,4 +167,5 @@ def test_bundled_dataset_is_what_the_script_generates(tmp_path):
                    check=True, capture_output=True)
     assert out.read_bytes() == (root / "train" / "assets" / "tagger.jsonl").read_bytes()
     row = json.loads(out.read_text().splitlines()[0])
-    assert set(row) == {"quote", "author", "tags"} and isinstance(row["tags"], list)
+    assert set(row) == {"quote", "author", "tags", "label"} and isinstance(row["tags"], list)
+    assert row["label"] == row["tags"][0]  # --task seq-cls's class: the first tag
