@@ -165,6 +165,8 @@ def model_key(launched, fmt_code: int):
     name = launched.name
     kernel = {"lora_gemv_kernel": "gemv", "dequant_4bit_kernel": "dequant", "dequantize_kernel": "dequant",
               "lora_forward_kernel": "fused-forward", "lora_backward_kernel": "fused-backward"}.get(name)
+    if kernel == "gemv":
+        return kernel, fmt_code, launched.kwargs["BLOCK_M"]
     return None if kernel is None else (kernel, fmt_code)
 
 
@@ -203,10 +205,10 @@ def check(rec: dict, fmt_code: int, launched, kept: list, cfg, fused_table) -> l
             bad.append(f"spills {rec['spill_bytes']} B/thread")
         if smem > configs.H100_SMEM:
             bad.append(f"{smem} B of shared memory > the H100's {configs.H100_SMEM}")
-        target = {"gemv": TARGET_GEMV, "dequant": TARGET_DEQUANT}.get((model_key(launched, fmt_code) or ("",))[0])
+        key = model_key(launched, fmt_code)
+        target = {"gemv": TARGET_GEMV, "dequant": TARGET_DEQUANT}.get((key or ("",))[0])
         if per is not None and target is not None and per > target:
             bad.append(f"{per} instructions per weight element > the target {target}")
-        key = model_key(launched, fmt_code)
         if per is not None and key is not None and per > MODEL_SLACK * strategy.SASS_PER_ELEMENT[key]:
             bad.append(f"{per} instructions per weight element > the cost model's {strategy.SASS_PER_ELEMENT[key]} "
                        f"(+10%): update kernels/triton/strategy.SASS_PER_ELEMENT{key}")

@@ -61,7 +61,7 @@ class GemvConfig:
 
 
 # Per BLOCK_M (M padded to 16, 32 or 64 rows; more rows take several row tiles): the shipped GPU
-# configs, for R <= 64 and for R = 128 (where 32 x 128 tiles spill; benchmarks/aot_compile.py
+# configs, for R <= 32 and for R >= 64 (where 32 x 128 tiles spill; benchmarks/aot_compile.py
 # measures each; NOTES.md has the figures).
 GPU_CONFIGS = {16: (GemvConfig(16, 128, 128, 4, 3), GemvConfig(16, 128, 128, 4, 3)),
                32: (GemvConfig(32, 128, 128, 4, 3), GemvConfig(32, 64, 128, 4, 3)),
@@ -233,7 +233,7 @@ def gemv_config(M: int, r: int) -> GemvConfig:
     bm = block_m(M)
     if interpreting():
         return dataclasses.replace(INTERPRETER_CONFIG, BLOCK_M=bm)
-    return GPU_CONFIGS[bm][configs.rank_block(max(r, 1)) >= 128]
+    return GPU_CONFIGS[bm][configs.rank_block(max(r, 1)) >= 64]
 
 
 def block_m(M: int) -> int:

@@ -1,4 +1,5 @@
-"""Fused LoRA forward for M > 16, one launch per layer, any base-weight format (tiles.py).
+"""The "fused" strategy's forward (kept for study: kernels/triton/strategy.py), one launch per layer,
+any base-weight format (tiles.py).
 
     y [M, N] = x @ deq(W)^T + bias + scaling * (dropout(x) @ A^T) @ B^T       (x.dtype)
     u [M, r] = dropout(x) @ A^T                                                (fp32, for backward)

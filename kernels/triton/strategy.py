@@ -51,9 +51,12 @@ TRITON_FLOPS = 0.6 * 989e12  # our wgmma kernels: lower (no warp specialisation,
 LAUNCH_US = 2.0
 
 # Main-loop SASS instructions per weight element per thread, sm_90, as the JIT compiles the shipped
-# configs (benchmarks/aot_compile.py --json; NOTES.md has the table). Keys: (kernel, weight format).
+# configs (benchmarks/aot_compile.py --json; NOTES.md has the table): the most over the ranks and
+# variants. Keys: (kernel, weight format), and the row tile for the gemv.
 SASS_PER_ELEMENT = {
-    ("gemv", formats.FMT_4BIT): 6.9, ("gemv", formats.FMT_INT8): 7.0, ("gemv", formats.FMT_DENSE): 3.0,
+    ("gemv", formats.FMT_4BIT, 16): 5.6, ("gemv", formats.FMT_4BIT, 32): 6.4, ("gemv", formats.FMT_4BIT, 64): 6.9,
+    ("gemv", formats.FMT_INT8, 16): 5.9, ("gemv", formats.FMT_INT8, 32): 6.5, ("gemv", formats.FMT_INT8, 64): 6.9,
+    ("gemv", formats.FMT_DENSE, 16): 2.0, ("gemv", formats.FMT_DENSE, 32): 2.5, ("gemv", formats.FMT_DENSE, 64): 3.0,
     ("dequant", formats.FMT_4BIT): 9.7, ("dequant", formats.FMT_INT8): 7.5, ("dequant", formats.FMT_DENSE): 0.0,
     ("fused-forward", formats.FMT_4BIT): 27.5, ("fused-forward", formats.FMT_INT8): 6.0,
     ("fused-forward", formats.FMT_DENSE): 3.0,
@@ -109,8 +112,8 @@ def predict(pass_: str, strategy: str, M: int, N: int, K: int, r: int, fmt: int,
 
         bm = block_m(M)
         row_tiles = math.ceil(M / bm)
-        issue = _issue(SASS_PER_ELEMENT[("gemv", fmt)] * w_elems * row_tiles) + _mma(2 * row_tiles * bm * N * K,
-                                                                                     TRITON_FLOPS)
+        issue = (_issue(SASS_PER_ELEMENT[("gemv", fmt, bm)] * w_elems * row_tiles)
+                 + _mma(2 * row_tiles * bm * N * K, TRITON_FLOPS))
         mem = _mem(w_bytes * row_tiles + x_bytes * M * (K + N) + lora_bytes)
         return max(mem, issue) + LAUNCH_US
     if strategy == "dequant-mm":
