@@ -18,6 +18,7 @@ CASES = [
     ("fp4-fp32absmax-fp16-r1", "fp4", SMALL, torch.float16, 1, 0.0, True, torch.float32,
      {"nested": False}),
     ("int8-bf16-r64-drop", "int8", SMALL, torch.bfloat16, 64, 0.25, True, torch.float32, {}),
+    ("nf4-nested-bf16-r128-drop", "nf4", SMALL, torch.bfloat16, 128, 0.1, True, torch.float32, {}),  # largest rank
     ("dense-bf16-r8", "dense", ODD, torch.bfloat16, 8, 0.0, True, torch.float32, {}),
     ("dense-conv1d-view-fp16-drop", "dense", SMALL, torch.float16, 8, 0.1, True, torch.float32,
      {"dtype": torch.float16, "transposed": True}),

@@ -20,6 +20,7 @@ CASES = [
     ("nf4-nested-bf16-r8-bias-drop", "nf4", ODD, torch.bfloat16, 8, True, 0.1, {}),
     ("nf4-fp32absmax-fp16-r1", "nf4", ODD, torch.float16, 1, False, 0.0, {"nested": False}),
     ("fp4-nested-bf16-r64-drop", "fp4", ODD, torch.bfloat16, 64, False, 0.25, {}),
+    ("nf4-nested-bf16-r128-bias-drop", "nf4", SMALL, torch.bfloat16, 128, True, 0.1, {}),  # the largest rank
     ("fp4-fp32absmax-fp16-r8-bias", "fp4", SMALL, torch.float16, 8, True, 0.0,
      {"nested": False, "dtype": torch.float16}),
     ("nf4-blocksize128-wfp32-bf16", "nf4", SMALL, torch.bfloat16, 8, True, 0.0,
