@@ -37,8 +37,8 @@ from .. import formats
 FORWARD, BACKWARD = "forward", "backward"
 STRATEGIES = {FORWARD: ("gemv", "dequant-mm", "fused"), BACKWARD: ("dequant-mm", "fused")}
 # what `auto` picks from: only kernels that meet the static targets. "fused" is kept for study
-# (NOTES.md: its compiled loops issue 27-37 / 43-86 instructions per weight element and its backward
-# configs spill up to 6 KiB per thread, which this model does not charge; it predicts the fused
+# (NOTES.md: its compiled loops issue 25-41 / 31-93 instructions per weight element and its backward
+# configs spill up to 7 KiB per thread, which this model does not charge; it predicts the fused
 # backward ahead only at M <= ~128 (4096x4096, ~10 us) or <= ~16-32 (the 11008 shapes), passes
 # that are host-bound without a graph anyway)
 AUTO = {FORWARD: ("gemv", "dequant-mm"), BACKWARD: ("dequant-mm",)}
