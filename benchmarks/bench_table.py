@@ -1,4 +1,4 @@
-"""Collects benchmark rows and prints/writes the one comparison table (ratios to floor and peft)."""
+"""Collects benchmark rows and prints/writes the one comparison table (ratios to the floor and to peft)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ RESULTS: list[dict] = []  # one dict per timed row, appended by test_bench_lora.
 # HBM bandwidth (GB/s) by device name, for the decode rows' "% of peak" column.
 HBM_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
             "H200": 4800, "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE": 1555}
+COLUMNS = ("ours-triton", "ours-torch", "peft-fp32", "peft-bf16", "bnb-gemm4bit", "floor", "dense-lora-unfused")
 
 
 def hbm_gbps(device_name: str):
@@ -20,29 +21,40 @@ def hbm_gbps(device_name: str):
     return None
 
 
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
 def table(results: list[dict]) -> str:
-    """Markdown: one line per (shape, M, mode), ms per provider, ratios, throughput, peak memory."""
+    """Markdown: one line per (shape, M, pass): ms per provider, ratios, throughput, peak memory,
+    the strategy ours-triton ran, and every provider's output check."""
     rows = defaultdict(dict)
     for r in results:
         rows[(r["K"], r["N"], r["M"], r["mode"])][r["provider"]] = r
-    head = ("| K | N | M | pass | triton ms | torch ms | peft ms | floor ms | triton/floor | "
-            "peft/triton | triton TFLOP/s | triton GB/s (W) | % HBM | peak MiB triton / peft |")
+    head = ("| K | N | M | pass | " + " | ".join(f"{p} ms" for p in COLUMNS) + " | triton/floor | peft-fp32/triton | "
+            "peft-bf16/triton | bnb/triton | triton TFLOP/s | triton GB/s (W) | % HBM | peak MiB triton / peft-fp32 | "
+            "triton strategy | checks |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for (K, N, M, mode), by in sorted(rows.items()):
-        # CUDA-graph times (decode rows) only when every provider has one, so a row compares like
+        # CUDA-graph times (M <= 16 rows) only when every provider has one, so a row compares like
         # with like; otherwise do_bench's plain median (includes Python launch overhead).
         graph = all("ms_graph" in r for r in by.values())
         key = "ms_graph" if graph else "ms"
-        t = {p: by[p][key] if p in by else None for p in ("ours-triton", "ours-torch", "peft", "floor")}
-        f = lambda v, fmt="{:.3f}": "-" if v is None else fmt.format(v)
+        t = {p: by[p].get(key) if p in by else None for p in COLUMNS}
+        f = lambda v, fmt="{:.3f}": "-" if v is None else fmt.format(v)  # noqa: E731
         tri = by.get("ours-triton", {})
-        ratio_floor = t["ours-triton"] / t["floor"] if t["ours-triton"] and t["floor"] else None
-        ratio_peft = t["peft"] / t["ours-triton"] if t["ours-triton"] and t["peft"] else None
-        mem = (f(tri.get("peak_mib"), "{:.0f}") + " / " + f(by.get("peft", {}).get("peak_mib"), "{:.0f}"))
-        out.append(f"| {K} | {N} | {M} | {mode}{' (graph)' if graph else ''} | {f(t['ours-triton'])} | {f(t['ours-torch'])} | "
-                   f"{f(t['peft'])} | {f(t['floor'])} | {f(ratio_floor, '{:.2f}x')} | "
-                   f"{f(ratio_peft, '{:.2f}x')} | {f(tri.get('tflops'), '{:.0f}')} | "
-                   f"{f(tri.get('gbps'), '{:.0f}')} | {f(tri.get('hbm_pct'), '{:.0f}%')} | {mem} |")
+        mem = f(tri.get("peak_mib"), "{:.0f}") + " / " + f(by.get("peft-fp32", {}).get("peak_mib"), "{:.0f}")
+        host_bound = M <= 16 and not graph and any("peak_mib" in r for r in by.values())  # GPU rows
+        label = mode + (" (graph)" if graph else " (host-bound: no graph)" if host_bound else "")
+        checks = [p for p, r in by.items() if r.get("check", "ok") != "ok"]
+        out.append(f"| {K} | {N} | {M} | {label} | " + " | ".join(f(t[p]) for p in COLUMNS) + " | "
+                   f"{f(_ratio(t['ours-triton'], t['floor']), '{:.2f}x')} | "
+                   f"{f(_ratio(t['peft-fp32'], t['ours-triton']), '{:.2f}x')} | "
+                   f"{f(_ratio(t['peft-bf16'], t['ours-triton']), '{:.2f}x')} | "
+                   f"{f(_ratio(t['bnb-gemm4bit'], t['ours-triton']), '{:.2f}x')} | "
+                   f"{f(tri.get('tflops'), '{:.0f}')} | {f(tri.get('gbps'), '{:.0f}')} | "
+                   f"{f(tri.get('hbm_pct'), '{:.0f}%')} | {mem} | {tri.get('strategy', '-')} | "
+                   f"{'ok' if not checks else 'FAIL: ' + ', '.join(checks)} |")
     return "\n".join(out)
 
 

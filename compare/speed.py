@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch._dynamo
 
+import kernels.backends
+
 from . import memory
 from .equivalence import no_dropout
 from .models import CompareError, ModelSpec, build_pair, example_batch, lora_params
@@ -124,6 +126,7 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
     base_spec = ModelSpec(**{**vars(spec), "kernel": "torch"})
     base_spec.validate()
     say("building ours and peft")
+    kernels.backends.reset_report()  # what ran, per layer shape: result["backends"]
     pair = build_pair(base_spec)
     ours_layers = {path: mine for path, (mine, _) in pair.keymap.items()}
     peft_layers = {path: theirs for path, (_, theirs) in pair.keymap.items()}
@@ -253,7 +256,22 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
             if v.cuda_memory is not None:
                 entry["cuda_memory"] = v.cuda_memory
         result["variants"].append(entry)
+    result["backends"] = backends_that_ran(pair.ours)
     return result
+
+
+def backends_that_ran(model) -> list[dict]:
+    """One entry per (backend, pass, strategy) that ran in our model's LoRA layers during the run
+    (LoraModel.backend_report): the layer shapes, the row counts M seen, the calls, and why."""
+    groups: dict = {}
+    for e in model.backend_report():
+        g = groups.setdefault((e["backend"], e["pass"], e["strategy"]),
+                              {"backend": e["backend"], "pass": e["pass"], "strategy": e["strategy"], "why": e["why"],
+                               "shapes": set(), "M": set(), "calls": 0})
+        g["shapes"].add(f"{e['K']}->{e['N']}")
+        g["M"].add(e["M"])
+        g["calls"] += e["calls"]
+    return [{**g, "shapes": sorted(g["shapes"]), "M": sorted(g["M"])} for g in groups.values()]
 
 
 def set_lora_dropout(keymap: dict, p: float) -> None:
@@ -307,6 +325,8 @@ def format_speed(result: dict, breakdown: bool = False) -> str:
              "of the median process CPU time (cpu ms: time actually computing, all threads; steadier "
              "than wall time on a shared machine); tokens/s from the median optimizer step"]
     notes += [f"{v['name']}: skipped ({v['skipped']})" for v in result["variants"] if v["skipped"]]
+    notes += [f"ran: {g['backend']} backend, {g['pass']} -> {g['strategy']} ({g['why']}): {g['calls']} calls, "
+              f"layers {', '.join(g['shapes'])}, M in {g['M']}" for g in result.get("backends", [])]
     if result.get("compile"):
         head += f"; torch.compile(model, mode={result['compile']!r}) on every side"
         ran = [v for v in result["variants"] if not v["skipped"]]

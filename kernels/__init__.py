@@ -6,7 +6,9 @@
 `weight` is a base weight record (`DenseWeight`, `Quant4bitWeight`, `Int8Weight`; kernels/formats).
 A call is validated once (kernels/call.py), handed to a backend (kernels/backends.py: "torch" or
 "triton", or "auto" to pick), which runs it: kernels/torch_ops.py, or kernels/triton/ through the
-autograd Function in kernels/autograd.py. The math is specified in kernels/reference.py.
+autograd Function in kernels/autograd.py, where each pass picks a strategy by a static cost model
+(kernels/triton/strategy.py). `backend_report()` says which backend and strategy ran, per call
+shape. The math is specified in kernels/reference.py.
 """
 from __future__ import annotations
 
@@ -20,8 +22,15 @@ from .call import autocast_dtype, make_call
 from .formats import BaseWeight, DenseWeight, Int8Weight, NestedAbsmax, Quant4bitWeight
 from .torch_ops import dequantize  # reference.dequantize's bits, through bitsandbytes' kernel when it can
 
-__all__ = ["lora_linear", "dequantize", "BaseWeight", "DenseWeight", "Int8Weight", "Quant4bitWeight",
-           "NestedAbsmax", "BACKENDS"]
+__all__ = ["lora_linear", "dequantize", "backend_report", "BaseWeight", "DenseWeight", "Int8Weight",
+           "Quant4bitWeight", "NestedAbsmax", "BACKENDS"]
+
+
+def backend_report() -> list[dict]:
+    """What `lora_linear` ran in this process: one dict per (pass, call shape, backend, strategy) with
+    keys pass, backend, strategy, why, M, N, K, r, format, calls, predicted_us (triton: every
+    strategy's predicted H100 time in us, the static model of kernels/triton/strategy.py)."""
+    return backends.report()
 
 
 def lora_linear(

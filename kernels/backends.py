@@ -11,10 +11,13 @@ backward(ctx, g). Two exist:
               interpreter, TRITON_INTERPRET=1); Philox dropout (reference.dropout_mask).
 `choose` maps the `backend=` word to one: "torch" and "triton" as asked ("triton" raises with the
 reason when it cannot), "auto" the Triton backend when the inputs are on CUDA and it takes the
-call, else the torch backend with a RuntimeWarning naming the reason, once per reason per process.
+call, else the torch backend, saying why in one stderr line once per reason per process.
+Inside the triton backend each pass picks a strategy (kernels/triton/strategy.py); `report()`
+lists, per call shape, the backend and strategy that ran and why.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Optional
 
@@ -126,6 +129,7 @@ _warned: set[str] = set()  # fallback reasons already reported on stderr
 def choose(name: str, call: LoraCall) -> Backend:
     """The backend for one call. Raises ValueError when backend='triton' cannot take it."""
     if name == "torch":
+        record("forward", "torch", "torch", "backend='torch'", _shape(call))
         return TORCH
     why = TRITON.reason(call) if name == "triton" else auto_reason(call)
     if why is None:
@@ -133,11 +137,12 @@ def choose(name: str, call: LoraCall) -> Backend:
     if name == "triton":
         raise ValueError(f"backend='triton' cannot run this call: {why}. "
                          "Use backend='auto' to fall back to the torch backend.")
-    _report(why)
+    _say_fallback(why)
+    record("forward", "torch", "torch", why, _shape(call))
     return TORCH
 
 
-def _report(why: str) -> None:
+def _say_fallback(why: str) -> None:
     """Once per reason per process, one plain line: on a CPU machine this is expected, not a
     problem, and a warning with a source line reads as one."""
     if why not in _warned:
@@ -147,7 +152,50 @@ def _report(why: str) -> None:
 
 # Under torch.compile a call here runs after the compiled graph instead of splitting it (a print or
 # a set lookup while tracing is a graph break in every LoRA layer); it takes one string.
-torch._dynamo.config.reorderable_logging_functions.add(_report)
+torch._dynamo.config.reorderable_logging_functions.add(_say_fallback)
+
+
+MAX_REPORT = 1000  # distinct call shapes recorded per process
+_report: dict = {}  # (pass, backend, strategy, M, N, K, r, format) -> entry
+
+
+def record(pass_: str, backend: str, strategy: str, why: str, call_shape: tuple, predicted_us=None) -> None:
+    """Count one pass of one call shape (M, N, K, r, format) under the backend and strategy that ran it
+    (`report`); the first time a shape gets its strategy, one line on the "kernels" logger (INFO).
+    Not while torch.compile traces (its logger call would be a graph break in every layer): the
+    torch backend's compiled calls are not counted; the Triton backend's are, from inside its
+    operators (kernels/ops.py), which run eagerly."""
+    if torch.compiler.is_compiling():
+        return
+    key = (pass_, backend, strategy) + call_shape
+    entry = _report.get(key)
+    if entry is None:
+        if len(_report) >= MAX_REPORT:
+            return
+        M, N, K, r, fmt = call_shape
+        entry = {"pass": pass_, "backend": backend, "strategy": strategy, "why": why, "M": M, "N": N, "K": K,
+                 "r": r, "format": fmt, "calls": 0, "predicted_us": None if predicted_us is None else dict(predicted_us)}
+        _report[key] = entry
+        logging.getLogger("kernels").info("kernels: %s M=%d N=%d K=%d r=%d %s -> %s backend, %s (%s)", pass_, M, N,
+                                          K, r, fmt, backend, strategy, why)
+    entry["calls"] += 1
+
+
+def report() -> list[dict]:
+    """What ran in this process: per (pass, call shape, backend, strategy) its count, why, and (triton)
+    every strategy's predicted H100 time in us. The torch backend records its forward only (autograd
+    runs its backward). At most MAX_REPORT shapes."""
+    return [dict(e) for e in _report.values()]
+
+
+def reset_report() -> None:
+    _report.clear()
+
+
+def _shape(call: LoraCall) -> tuple:
+    """(M, N, K, r, format name) of a call, for the report."""
+    M = call.x.numel() // call.K if call.K else 0
+    return (M, call.N, call.K, call.r, type(call.weight).__name__.replace("Weight", "").lower())
 
 
 def auto_reason(call: LoraCall) -> Optional[str]:

@@ -35,6 +35,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+import kernels
+
 from . import quant, tasks
 from .config import LoraConfig
 from .inject import (ModulesToSave, adapter_parameters, bias_parameters, check_no_lora, find_targets,
@@ -520,6 +522,16 @@ class LoraModel(nn.Module):
         self._kernel = name
         for layer in self.lora_layers().values():
             layer.kernel = name
+
+    def backend_report(self) -> list[dict]:
+        """What `kernels.lora_linear` ran for this model's LoRA layers in this process: the entries of
+        `kernels.backend_report()` (pass, call shape, backend, strategy, why, calls, predicted times)
+        whose (N, K) is one of this model's layers', each with "layers": the names of those layers."""
+        by_shape: dict = {}
+        for name, layer in self.lora_layers().items():
+            by_shape.setdefault((layer.out_features, layer.in_features), []).append(name)
+        return [{**e, "layers": by_shape[(e["N"], e["K"])]} for e in kernels.backend_report()
+                if (e["N"], e["K"]) in by_shape]
 
     # ---- merge -----------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> dict[str, float]:

@@ -3,17 +3,24 @@
     launches = capture(lambda: launch.forward(call, seed))   # call built on meta tensors
     text = ttir(launches[0], config)                         # the TTIR after Triton's TTIR passes
     compiled = compile(launches[0], config)                  # cubin + metadata (shared memory ...)
+    resources(compiled), sass_loops(compiled)                # registers / spills, SASS loop sizes
 
 Meta tensors have shapes, strides, dtypes and 16-byte-aligned data pointers but no storage, so the
 real launchers run on them unchanged up to the launch, which `capture` intercepts. `specialise`
 then derives the signature exactly as the JIT does for those arguments (`native_specialize_impl`:
 pointers 16-byte aligned and ints divisible by 16 get the divisibility attribute, ints equal to 1
 become constexprs, e.g. a unit stride), so the compiled kernel is the one the GPU would run, not
-a generic one with other registers and shared memory. Used by benchmarks/aot_compile.py and the
+a generic one with other registers and shared memory. `resources` and `sass_loops` read the cubin
+with the cuobjdump / nvdisasm bundled with Triton. Used by benchmarks/aot_compile.py and the
 int64-offset tests. Needs TRITON_INTERPRET unset (the interpreter has no compiler).
 """
 from __future__ import annotations
 
+import collections
+import os
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -122,3 +129,53 @@ def ttir(launch: Launch, config: Optional[triton.Config] = None, target: GPUTarg
     stages: dict = {}
     backend.add_stages(stages, opts, src.language)
     return str(stages["ttir"](module, {}))
+
+
+def _tool(name: str) -> str:
+    """cuobjdump / nvdisasm as bundled with Triton (no CUDA toolkit needed)."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _run_on_cubin(compiled, tool: str, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([_tool(tool), *flags, f.name], capture_output=True, text=True).stdout
+
+
+def resources(compiled) -> dict:
+    """{"REG": registers/thread, "STACK": spill bytes/thread, "LOCAL": ...} from cuobjdump (Triton's
+    spills show under STACK, not LOCAL)."""
+    text = _run_on_cubin(compiled, "cuobjdump", "--dump-resource-usage")
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+
+
+def sass_loops(compiled) -> list[tuple[int, collections.Counter]]:
+    """Each loop of the kernel's SASS as (instruction count, opcode counts), biggest first. A loop is a
+    backward branch (BRA to an earlier label) in `nvdisasm -c` output; its body is the lines between."""
+    lines = _run_on_cubin(compiled, "nvdisasm", "-c").splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"\.(L_x_\d+):", line.strip())
+        if m:
+            labels[m.group(1)] = i
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i:
+            ops = collections.Counter(_opcodes(lines[labels[m.group(1)]:i + 1]))
+            if set(ops) != {"BRA"}:  # not the kernel's closing `BRA` to itself
+                loops.append((sum(ops.values()), ops))
+    return sorted(loops, key=lambda t: -t[0])
+
+
+def sass_count(compiled) -> int:
+    """Instructions of the whole kernel (for kernels without a loop)."""
+    return sum(1 for _ in _opcodes(_run_on_cubin(compiled, "nvdisasm", "-c").splitlines()))
+
+
+def _opcodes(lines):
+    for body in lines:
+        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", body)
+        if op:
+            yield op.group(2)

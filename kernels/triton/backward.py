@@ -1,4 +1,5 @@
-"""Fused LoRA backward, one launch per layer, any base-weight format (tiles.py).
+"""The "fused" strategy's backward (kept for study: kernels/triton/strategy.py), one launch per layer,
+any base-weight format (tiles.py).
 
 With g = dL/dy [M, N], u = dropout(x) @ A^T [M, r] (saved by forward), keep = the dropout mask
 regenerated from the seed, c = scaling / (1 - p) (the chain rule: kernels/autograd.py):

@@ -1,4 +1,6 @@
-"""Autotune configs of the fused kernels, and which of them fit: shared memory for the actual rank.
+"""Autotune configs of the "fused" strategy's kernels, and which of them fit: shared memory for the
+actual rank. (The gemv and dequant-mm kernels are not autotuned: their configs are picked per shape
+by kernels/triton/decode.py / mm.py and measured by benchmarks/aot_compile.py.)
 
 Each kernel file lists its GPU configs (tile sizes, warps, stages). What autotuning may pick from
 them for a call (`prune`, the autotuner's early_config_prune):
@@ -54,7 +56,7 @@ def active(gpu_configs: list, interpreter_config: triton.Config = INTERPRETER_GE
 
 
 def config_id(cfg: triton.Config) -> str:
-    """"BMxBNxBK-wW-sS" (BM = 16 for the decode GEMV): the key of a config in SMEM_TABLE."""
+    """"BMxBNxBK-wW-sS": the key of a config in SMEM_TABLE."""
     kw = cfg.kwargs
     return f"{kw.get('BLOCK_M', 16)}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{cfg.num_warps}-s{cfg.num_stages}"
 
@@ -71,7 +73,7 @@ _table: Optional[dict] = None
 
 
 def smem_bytes(kernel: str, cfg: triton.Config, R: int) -> int:
-    """Shared memory (bytes) of `kernel` ("forward", "backward", "decode") at `cfg` and padded rank R:
+    """Shared memory (bytes) of `kernel` ("forward", "backward") at `cfg` and padded rank R:
     the table's figure for the smallest measured rank >= R (it grows with R: an upper bound)."""
     global _table
     if _table is None:
@@ -80,8 +82,7 @@ def smem_bytes(kernel: str, cfg: triton.Config, R: int) -> int:
     measured = sorted(int(k) for k in per_r if int(k) >= R)
     if not measured:
         raise KeyError(f"{SMEM_TABLE.name} has no {kernel} figure for config {config_id(cfg)} at R >= {R}: "
-                       "measure it with `python benchmarks/aot_compile.py --write-table --r 16 64 128 --kernel "
-                       "forward backward decode`")
+                       "measure it with `python benchmarks/aot_compile.py --path fused --write-table --r 16 64 128`")
     return per_r[str(measured[0])]
 
 

@@ -1,4 +1,5 @@
-"""Fused LoRA forward for M > 16, one launch per layer, any base-weight format (tiles.py).
+"""The "fused" strategy's forward (kept for study: kernels/triton/strategy.py), one launch per layer,
+any base-weight format (tiles.py).
 
     y [M, N] = x @ deq(W)^T + bias + scaling * (dropout(x) @ A^T) @ B^T       (x.dtype)
     u [M, r] = dropout(x) @ A^T                                                (fp32, for backward)
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import configs, interpreting
-from .tiles import bias_row, cvt, dropout_keep, grouped_pid, load_w_tile, mma, row_ptrs, up_projection
+from .tiles import bias_row, cvt, down_partial, grouped_pid, load_w_tile, mma, row_ptrs, up_projection
 
 # Every config autotuning may pick on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): H100-sized
 # tiles; configs.prune keeps those that fit the device's shared memory at the call's rank.
@@ -162,69 +163,47 @@ def lora_down_kernel(
     stride_xm, stride_ar, stride_ak, stride_um,
     keep_scale, p,
     # meta-parameters
-    DROPOUT: tl.constexpr, R: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    DROPOUT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """u[m-block] += dropout(x[m-block, k-range]) @ A[:, k-range]^T, split over K: fp32 atomics into
-    u, or (PARTIAL) a plain store of this K range's share into u_ptr[split] ([S, M, r])."""
+    """u[m-block] += dropout(x[m-block, k-range]) @ A[:, k-range]^T, split over K: fp32 atomics into u."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     k_lo = tl.program_id(1) * K_PER_PROG
     offs_r = tl.arange(0, R)  # [R]
-    ACT = x_ptr.dtype.element_ty
-    x_rows = row_ptrs(x_ptr, offs_m, stride_xm)  # [BM, 1]
+    seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)  # int64: a device tensor, so CUDA-graph replays draw new masks
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for kk in range(0, K_PER_PROG, BLOCK_K):
-        offs_k = k_lo + kk + tl.arange(0, BLOCK_K)  # [BK]
-        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-                    other=0.0)  # [BM, BK]
-        if DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=(offs_r[None, :] < r) & (offs_k[:, None] < K), other=0.0)  # A^T [BK, R]
-        acc = mma(x, cvt(a, ACT), acc)
-    u_mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
-    if PARTIAL:
-        u_ptr += tl.program_id(1).to(tl.int64) * M * r  # this split's [M, r] slice
+    acc = down_partial(x_ptr, a_ptr, seed, offs_m, k_lo, tl.minimum(k_lo + K_PER_PROG, K), M, K, r, stride_xm,
+                       stride_ar, stride_ak, p, DROPOUT, R, BLOCK_M, BLOCK_K)  # [BM, R]
     u_ptrs = row_ptrs(u_ptr, offs_m, stride_um) + offs_r[None, :]
-    if PARTIAL:
-        tl.store(u_ptrs, acc * keep_scale, mask=u_mask)
-    else:
-        tl.atomic_add(u_ptrs, acc * keep_scale, mask=u_mask)
+    tl.atomic_add(u_ptrs, acc * keep_scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
 
 
-def _down_grid(M: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, K per program): 4 K tiles per program on a GPU, so small M fills it too."""
-    bm = 16 if M <= 16 else (32 if interpreting() else 64)
-    bk = 64 if interpreting() else 128
-    return bm, bk, bk * (1 if interpreting() else 4)
+def _down_grid(M: int, R: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, K per program, warps): 4 K tiles per program on a GPU, so small M fills it
+    too; at R = 128 eight warps share the [BLOCK_M, R] accumulator and a 64-wide K tile (4 warps
+    spill there: benchmarks/aot_compile.py)."""
+    if interpreting():
+        return (16 if M <= 16 else 32), 64, 64, 4
+    bm = 16 if M <= 16 else 64
+    bk, warps = (64, 8) if R >= 128 else (128, 4)
+    return bm, bk, 4 * bk, warps
 
 
 def down_projection(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor],
-                    u: torch.Tensor, partial: bool = False) -> torch.Tensor:
-    """dropout(x) @ A^T [M, r] fp32 with each dropout mask element drawn once; reads x, A once.
-
-    Split over K. Default: fp32 atomics into `u` [M, r] (zeroed here). partial=True (the decode
-    path): `u` is [S, M, r], S = n_splits(M, K), each split stores its share and the consumer sums
-    them (no memset launch, no atomics, deterministic).
-    """
+                    u: torch.Tensor) -> torch.Tensor:
+    """u [M, r] fp32 = dropout(x) @ A^T with each dropout mask element drawn once; reads x, A once.
+    Split over K, fp32 atomics into `u` (zeroed here)."""
     M, K = x.shape
     r = A.shape[0]
-    bm, bk, k_per = _down_grid(M)
-    if not partial:
-        u.zero_()  # atomics target
+    R = configs.rank_block(r)
+    bm, bk, k_per, warps = _down_grid(M, R)
+    u.zero_()  # atomics target
     lora_down_kernel[(triton.cdiv(M, bm), triton.cdiv(K, k_per))](
         x, A, u, x if seed is None else seed,
         M, K, r, k_per,
-        x.stride(0), A.stride(0), A.stride(1), r,
+        x.stride(0), A.stride(0), A.stride(1), u.stride(0),
         1.0 / (1.0 - dropout_p), float(dropout_p),
-        DROPOUT=dropout_p > 0, R=configs.rank_block(r), PARTIAL=partial, BLOCK_M=bm, BLOCK_K=bk,
-        num_warps=4,
+        DROPOUT=dropout_p > 0, R=R, BLOCK_M=bm, BLOCK_K=bk,
+        num_warps=warps,
     )
     return u
-
-
-def n_splits(M: int, K: int) -> int:
-    """How many K splits down_projection uses (the S of its partial=True output)."""
-    return triton.cdiv(K, _down_grid(M)[2])

@@ -4,9 +4,11 @@
     forward(call, seed) -> (y, u)        y [M, N] x.dtype, u [M, r] fp32 (None without LoRA)
     backward(g, x, u, weight, A, B, scaling, dropout_p, seed, needs_dx) -> (dx, dA, dB)
 
-`kernels.backends.TritonBackend` asks `reason` before choosing this backend, so the launchers
-(forward.py, decode.py, backward.py) check nothing again. Every launch runs on the tensors' device
-(`device_of`), not on torch's current one: with device_map="auto" a model spans several GPUs.
+Each pass runs the strategy `strategy.choose` predicts fastest for its shapes ("gemv": decode.py,
+"dequant-mm": mm.py, "fused": forward.py / backward.py) and records it (`strategy.report`).
+`kernels.backends.TritonBackend` asks `reason` before choosing this backend, so the launchers check
+nothing again. Every launch runs on the tensors' device (`device_of`), not on torch's current one:
+with device_map="auto" a model spans several GPUs.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import Optional
 import torch
 import triton.language as tl
 
-from .. import formats
-from . import configs, decode, interpreting
+from .. import backends, formats
+from . import configs, decode, interpreting, mm, strategy
 from .backward import GPU_CONFIGS as BACKWARD_CONFIGS
 from .backward import fused_backward
 from .forward import GPU_CONFIGS as FORWARD_CONFIGS
@@ -62,20 +64,26 @@ def reason(call) -> Optional[str]:
         call.weight.kernel_args()
     except formats.Unsupported as e:
         return str(e)
-    limit = smem_limit(x.device)  # None under the interpreter
-    R = configs.rank_block(max(call.r, 1))
-    M = x.numel() // call.K  # rows of x [..., K]
-    for kernel in ("decode" if M <= decode.MAX_M else "forward", "backward"):
-        if not _some_config_fits(kernel, R, limit):
-            return (f"no {kernel} config fits in the device's {limit} bytes of shared memory at rank "
-                    f"{call.r} (padded to {R})")
-    return None
+    return None  # the gemv and dequant-mm strategies take every rank; "fused" only where it fits
 
 
 @functools.lru_cache(maxsize=None)
 def _some_config_fits(kernel: str, R: int, limit: Optional[int]) -> bool:
-    cands = {"forward": FORWARD_CONFIGS, "backward": BACKWARD_CONFIGS, "decode": decode.GPU_CONFIGS}[kernel]
+    cands = {"forward": FORWARD_CONFIGS, "backward": BACKWARD_CONFIGS}[kernel]
     return bool(configs.fitting(kernel, cands, R, limit))
+
+
+def choose(pass_: str, M: int, weight, r: int, x: torch.Tensor, dropout_p: float, needs_dx: bool = True):
+    """strategy.choose for this pass, "fused" excluded where none of its configs fits the device's
+    shared memory at this rank (then the next fastest runs, and `why` says so)."""
+    wa = weight.kernel_args()
+    choice = strategy.choose(pass_, M, wa.N, wa.K, r, wa.fmt, x.element_size(), dropout_p > 0, needs_dx)
+    if choice.strategy == "fused" and not _some_config_fits(pass_, configs.rank_block(max(r, 1)),
+                                                             smem_limit(x.device)):
+        rest = [t for t in choice.predicted_us if t[0] in strategy.AUTO[pass_]]
+        choice = strategy.Choice(min(rest, key=lambda t: t[1])[0], "no fused config fits the shared memory at "
+                                 f"rank {r}; fastest predicted of the others", choice.predicted_us)
+    return choice
 
 
 def forward(call, seed: Optional[torch.Tensor]):
@@ -89,9 +97,17 @@ def forward(call, seed: Optional[torch.Tensor]):
     if M == 0:
         y, u = torch.empty((0, wa.N), dtype=x.dtype, device=x.device), torch.empty((0, call.r), device=x.device)
     else:
-        run = decode.decode_forward if M <= decode.MAX_M else fused_forward
+        choice = choose(strategy.FORWARD, M, call.weight, call.r, x, call.dropout_p)
+        args = (bias, call.A, call.B, call.scaling, call.dropout_p, seed)
         with device_of(x):
-            y, u = run(x, wa, bias, call.A, call.B, call.scaling, call.dropout_p, seed)
+            if choice.strategy == "gemv":
+                y, u = decode.gemv_forward(x, call.weight, *args)
+            elif choice.strategy == "dequant-mm":
+                y, u = mm.mm_forward(x, call.weight, *args)
+            else:
+                y, u = fused_forward(x, wa, *args)
+        backends.record(strategy.FORWARD, "triton", choice.strategy, choice.why,
+                        (M, wa.N, wa.K, call.r, strategy.format_name(wa.fmt)), choice.predicted_us)
     return y.view(*call.x.shape[:-1], wa.N), (None if call.A is None else u)
 
 
@@ -102,9 +118,18 @@ def backward(g, x, u, weight, A, B, scaling: float, dropout_p: float, seed: Opti
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     g = g.reshape(-1, g.shape[-1]).to(x.dtype).contiguous()  # [M, N]: read row by row in x.dtype
+    u = None if u is None else u.contiguous()
+    r = 0 if A is None else A.shape[0]
+    wa = weight.kernel_args()
+    M = x2.shape[0]
+    choice = choose(strategy.BACKWARD, M, weight, r, x2, dropout_p, needs_dx)
     with device_of(x):
-        dx, dA, dB = fused_backward(g, x2, None if u is None else u.contiguous(), weight.kernel_args(), A, B,
-                                    scaling, dropout_p, seed, needs_dx)
+        if choice.strategy == "dequant-mm":
+            dx, dA, dB = mm.mm_backward(g, x2, u, weight, A, B, scaling, dropout_p, seed, needs_dx)
+        else:
+            dx, dA, dB = fused_backward(g, x2, u, wa, A, B, scaling, dropout_p, seed, needs_dx)
+    backends.record(strategy.BACKWARD, "triton", choice.strategy, choice.why,
+                    (M, wa.N, wa.K, r, strategy.format_name(wa.fmt)), choice.predicted_us)
     return (None if dx is None else dx.view(x.shape)), dA, dB
 
 

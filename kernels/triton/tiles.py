@@ -193,6 +193,82 @@ def load_w_tile(w_ptr, scale_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, 
 
 
 @triton.jit
+def pair_tile(packed_ptr, absmax_ptr, lut, nested_code_ptr, nested_absmax_ptr, nested_offset, offs_n, k0, N, K,
+              NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, EVEN_N: tl.constexpr,
+              EVEN_K: tl.constexpr, OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """bnb 4-bit W[offs_n, k0:k0+BLOCK_K] -> [BLOCK_N, BLOCK_K] in OUT through a byte -> pair table.
+
+    `lut` int32 [256] (`pair_table`): entry b holds OUT(code[b >> 4]) in its low 16 bits and
+    OUT(code[b & 15]) in its high ones, i.e. the two elements 2j, 2j+1 a packed byte encodes, so a
+    byte costs one shared-memory lookup (tl.gather on a 1-D table lowers to one) instead of two
+    16-way ones. Each pair is scaled by its absmax rounded to OUT, multiplied in OUT: what
+    bitsandbytes' own gemv_4bit computes (its values may differ from `reference.dequantize` by an
+    OUT rounding of the code and of the scale). Needs K even and K % BLOCKSIZE == 0 (rows start
+    on byte and block boundaries; the launcher checks), BLOCK_K and BLOCKSIZE powers of two.
+    """
+    offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte column inside the row
+    ptrs = packed_ptr + offs_n[:, None] * (K // 2) + offs_j[None, :]
+    if EVEN_N and EVEN_K:
+        b = tl.load(ptrs)  # [BLOCK_N, BLOCK_K // 2] uint8
+    else:
+        b = tl.load(ptrs, mask=(offs_n[:, None] < N) & (offs_j[None, :] * 2 < K), other=0)
+    pair = tl.gather(lut, b.to(tl.int32).reshape(BLOCK_N * (BLOCK_K // 2)), axis=0)
+    pair = pair.reshape(BLOCK_N, BLOCK_K // 2)
+    lo = (pair & 0xFFFF).to(tl.uint16).to(OUT, bitcast=True)  # element 2j
+    hi = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(OUT, bitcast=True)  # element 2j + 1
+    v = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K] in k order
+    n_ok = offs_n < N
+    if BLOCKSIZE >= BLOCK_K:  # one absmax block per tile row
+        blk = (offs_n * K + k0) // BLOCKSIZE  # [BLOCK_N]
+        am = _absmax_at(absmax_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset, blk, n_ok,
+                        NESTED, NESTED_BLOCKSIZE)
+        w = mul_rounded(v, am[:, None], OUT)
+    else:  # BLOCK_K // BLOCKSIZE whole blocks per tile row
+        offs_b = tl.arange(0, BLOCK_K // BLOCKSIZE)
+        blk = (offs_n[:, None] * K + k0) // BLOCKSIZE + offs_b[None, :]  # [BLOCK_N, BLOCK_K // BLOCKSIZE]
+        am = _absmax_at(absmax_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset, blk,
+                        n_ok[:, None] & (k0 + offs_b[None, :] * BLOCKSIZE < K), NESTED, NESTED_BLOCKSIZE)
+        w = mul_rounded(v.reshape(BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE), am[:, :, None], OUT)
+        w = w.reshape(BLOCK_N, BLOCK_K)
+    return w
+
+
+@triton.jit
+def mul_rounded(v, scale, OUT: tl.constexpr):
+    """v * OUT(scale), multiplied in OUT and rounded to nearest (v already in OUT; scale fp32). Under
+    the interpreter, whose bf16 arithmetic is wrong, the exact fp32 product of the two OUT values
+    is rounded once instead: the same result."""
+    s = cvt(scale, OUT)
+    if INTERPRET:
+        w = cvt(v.to(tl.float32) * s.to(tl.float32), OUT)
+    else:
+        w = v * s
+    return w
+
+
+@triton.jit
+def down_partial(x_ptr, a_ptr, seed, offs_m, k_lo, k_hi, M, K, r, stride_xm, stride_ar, stride_ak, p,
+                 DROPOUT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dropout(x)[offs_m, k_lo:k_hi] @ A[:, k_lo:k_hi]^T -> [BM, R] fp32, without the 1 / (1 - p)
+    (the caller scales once); k_hi <= K. The mask is drawn here, once per element of x (tl.rand,
+    the contract of reference.dropout_mask); A is rounded to x.dtype for the tensor cores."""
+    offs_r = tl.arange(0, R)
+    ACT = x_ptr.dtype.element_ty
+    x_rows = row_ptrs(x_ptr, offs_m, stride_xm)  # [BM, 1]
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        k_ok = offs_k < k_hi
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)  # [BM, BK]
+        if DROPOUT:
+            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=(offs_r[None, :] < r) & k_ok[:, None], other=0.0)  # A^T [BK, R]
+        acc = mma(x, cvt(a, ACT), acc)
+    return acc
+
+
+@triton.jit
 def bias_row(bias_ptr, offs_n, N, ACT: tl.constexpr):
     """bias [1, BN] in fp32 (a contiguous [N] bias), rounded to the activation dtype first, as
     nn.Linear adds it."""

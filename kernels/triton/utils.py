@@ -34,14 +34,15 @@ def dequantize_kernel(
     tl.store(row_ptrs(out_ptr, offs_n, K) + offs_k[None, :], w, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
-def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] in `dtype` (fp16 / bf16 / fp32) through the kernels' tile loader."""
+def dequantize(weight, dtype: torch.dtype, out: torch.Tensor = None) -> torch.Tensor:
+    """W [N, K] in `dtype` (fp16 / bf16 / fp32) through the kernels' tile loader, into `out` [N, K]
+    (contiguous) when given."""
     from .launch import device_of, format_constexprs, tl_dtype
 
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"dequantize to fp16/bf16/fp32, got {dtype}")
     wa = weight.kernel_args()
-    out = torch.empty((wa.N, wa.K), dtype=dtype, device=wa.w.device)
+    out = torch.empty((wa.N, wa.K), dtype=dtype, device=wa.w.device) if out is None else out
     bn, bk = (32, 64) if interpreting() else (64, 128)
     with device_of(out):
         dequantize_kernel[(triton.cdiv(wa.N, bn), triton.cdiv(wa.K, bk))](

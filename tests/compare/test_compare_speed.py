@@ -36,6 +36,10 @@ def test_speed_cpu_table_and_json(tmp_path, capsys):
 
     if not torch.cuda.is_available():
         assert "interpreter" in by_name["ours-triton"]["skipped"]
+    # what ran is printed and saved: backend and strategy per pass, with the layer shapes
+    ran = {(g["backend"], g["pass"], g["strategy"]) for g in data["backends"]}
+    assert ("torch", "forward", "torch") in ran and "ran: torch backend, forward -> torch" in printed
+    assert all(g["calls"] > 0 and g["shapes"] for g in data["backends"])
 
 
 def test_speed_lora_dropout_reaches_both_sides():

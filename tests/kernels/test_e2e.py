@@ -32,7 +32,11 @@ def _require_pieces():
     return lora_core
 
 
-def _train(lora_core, path, kernel: str, dropout: float = 0.0, steps: int = STEPS) -> tuple[list[float], dict]:
+def _train(lora_core, path, kernel: str, dropout: float = 0.0, steps: int = STEPS, report: list = None):
+    """(losses, LoRA weights); `report` (a list) receives the model's backend_report()."""
+    import kernels.backends
+
+    kernels.backends.reset_report()
     torch.manual_seed(0)
     model = load_tiny(path, "llama", quantization="nf4", dtype=torch.bfloat16)
     model = lora_core.prepare_model_for_kbit_training(
@@ -54,6 +58,8 @@ def _train(lora_core, path, kernel: str, dropout: float = 0.0, steps: int = STEP
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     lora = {n: p.detach().float().clone() for n, p in lm.named_parameters() if "lora_" in n}
+    if report is not None:
+        report += lm.backend_report()
     return losses, lora
 
 
@@ -73,13 +79,24 @@ def test_tiny_llama_nf4_fused_kernels_train_like_reference(tmp_path, monkeypatch
             calls[_name] += 1
             return _real(*a, **k)
         monkeypatch.setattr(op, name, spy)
-    triton_losses, triton_lora = _train(lora_core, path, "triton")
+    report = []
+    triton_losses, triton_lora = _train(lora_core, path, "triton", report=report)
     print("losses torch ", torch_losses)
     print("losses triton", triton_losses)
 
     n_layers = 3 * 2  # three targets in each of 2 decoder layers
     # forward runs twice per step with checkpointing (the recompute), backward once
     assert calls["forward"] == 2 * n_layers * STEPS and calls["backward"] == n_layers * STEPS, calls
+    # the model says what ran, per layer shape: the triton backend, the cost model's strategy
+    from kernels import formats
+    from kernels.triton import strategy
+
+    assert {e["pass"] for e in report} == {"forward", "backward"} and all(e["backend"] == "triton" for e in report)
+    assert sorted(n.rsplit(".", 1)[-1] for e in report if e["pass"] == "backward" for n in e["layers"]) == sorted(
+        ["q_proj", "v_proj", "down_proj"] * 2)
+    for e in report:
+        assert e["strategy"] == strategy.choose(e["pass"], e["M"], e["N"], e["K"], e["r"], formats.FMT_4BIT, 2,
+                                                False).strategy, e
     assert torch_losses[-1] < torch_losses[0]  # it trains (fixed batch, SGD lr 0.5)
     # Same bf16 math, different summation order (fp32 tile accumulators vs one GEMM) and bf16
     # rounding points. Measured with dropout 0.1 and one mask on both sides (before the torch

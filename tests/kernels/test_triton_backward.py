@@ -1,4 +1,5 @@
-"""Fused Triton backward (kernels/triton/backward.py) against the float64 spec: dx, dA, dB.
+"""The Triton backward strategies against the float64 spec: dx, dA, dB from "fused"
+(kernels/triton/backward.py) and "dequant-mm" (mm.py) on the same cases.
 
 u (the forward's thin saved activation) is the float64 spec's, handed to both sides, so this file
 tests the backward alone. Ground truth and tolerance: builders.py.
@@ -17,6 +18,7 @@ CASES = [
     ("fp4-fp32absmax-fp16-r1", "fp4", SMALL, torch.float16, 1, 0.0, True, torch.float32,
      {"nested": False}),
     ("int8-bf16-r64-drop", "int8", SMALL, torch.bfloat16, 64, 0.25, True, torch.float32, {}),
+    ("nf4-nested-bf16-r128-drop", "nf4", SMALL, torch.bfloat16, 128, 0.1, True, torch.float32, {}),  # largest rank
     ("dense-bf16-r8", "dense", ODD, torch.bfloat16, 8, 0.0, True, torch.float32, {}),
     ("dense-conv1d-view-fp16-drop", "dense", SMALL, torch.float16, 8, 0.1, True, torch.float32,
      {"dtype": torch.float16, "transposed": True}),
@@ -29,8 +31,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("strategy", ["fused", "dequant-mm"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_backward_matches_reference(case):
+def test_backward_matches_reference(case, strategy):
     _, fmt, (M, K, N), dt, r, p, needs_dx, lora_dt, wopts = case
     weight, W64 = make_weight(fmt, N, K, **wopts)
     A, B = make_lora(N, K, r, dtype=lora_dt)
@@ -41,7 +44,7 @@ def test_backward_matches_reference(case):
     u = u64.float()  # what the fused forward hands over (fp32)
     dx_out = poisoned((M, K), dt) if needs_dx else None
 
-    dx, dA, dB = triton_backward(g, x, u, weight, A, B, s, p, seed, needs_dx, dx_out=dx_out)
+    dx, dA, dB = triton_backward(g, x, u, weight, A, B, s, p, seed, needs_dx, dx_out=dx_out, strategy=strategy)
 
     (dx_r, dA_r, dB_r), (mdx, mdA, mdB) = ref_backward(g, x, u.double(), W64, A, B, s, p, seed,
                                                        needs_dx)
@@ -56,12 +59,14 @@ def test_backward_matches_reference(case):
         assert dx is None
 
 
-def test_backward_base_only():
+@pytest.mark.parametrize("strategy", ["fused", "dequant-mm"])
+def test_backward_base_only(strategy):
     """A = B = None: dx = g @ deq(W) only."""
     M, K, N = SMALL
     weight, W64 = make_weight("nf4", N, K)
     x, g = rand((M, K), torch.bfloat16), rand((M, N), torch.bfloat16, seed=4)
-    dx, dA, dB = triton_backward(g, x, None, weight, None, None, 1.0, dx_out=poisoned((M, K), x.dtype))
+    dx, dA, dB = triton_backward(g, x, None, weight, None, None, 1.0, dx_out=poisoned((M, K), x.dtype),
+                                 strategy=strategy)
     assert dA is None and dB is None
     ref = g.double() @ W64
     mag = g.double().abs() @ W64.abs()

@@ -1,4 +1,5 @@
-"""Fused Triton forward (kernels/triton/forward.py, tiles.py) against the float64 spec.
+"""The Triton forward strategies against the float64 spec: "fused" (kernels/triton/forward.py,
+tiles.py), "dequant-mm" (mm.py, dequant.py) and "gemv" (decode.py) on the same cases.
 
 Same file on GPU (full shapes) and CPU (Triton interpreter, small odd shapes): see builders.py for
 the ground truth and the tolerance's reason. The case matrix covers every axis (format, nested
@@ -8,8 +9,8 @@ the full cross product, which the interpreter could not afford.
 import pytest
 import torch
 
-from builders import (DEVICE, ODD, ON_GPU, SMALL, assert_close, make_lora, make_weight, poisoned, rand,
-                      ref_forward, seed_tensor, triton_backward, triton_forward)
+from builders import (DEVICE, ODD, ON_GPU, SMALL, W_ROUNDINGS, assert_close, make_lora, make_weight, poisoned,
+                      rand, ref_forward, seed_tensor, triton_backward, triton_forward)
 from kernels import reference
 from kernels.formats import DenseWeight
 from kernels.triton import forward, utils
@@ -19,6 +20,7 @@ CASES = [
     ("nf4-nested-bf16-r8-bias-drop", "nf4", ODD, torch.bfloat16, 8, True, 0.1, {}),
     ("nf4-fp32absmax-fp16-r1", "nf4", ODD, torch.float16, 1, False, 0.0, {"nested": False}),
     ("fp4-nested-bf16-r64-drop", "fp4", ODD, torch.bfloat16, 64, False, 0.25, {}),
+    ("nf4-nested-bf16-r128-bias-drop", "nf4", SMALL, torch.bfloat16, 128, True, 0.1, {}),  # the largest rank
     ("fp4-fp32absmax-fp16-r8-bias", "fp4", SMALL, torch.float16, 8, True, 0.0,
      {"nested": False, "dtype": torch.float16}),
     ("nf4-blocksize128-wfp32-bf16", "nf4", SMALL, torch.bfloat16, 8, True, 0.0,
@@ -36,8 +38,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("strategy", ["fused", "dequant-mm", "gemv"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_matches_reference(case):
+def test_forward_matches_reference(case, strategy):
     _, fmt, (M, K, N), dt, r, has_bias, p, wopts = case
     weight, W64 = make_weight(fmt, N, K, **wopts)
     A, B = make_lora(N, K, r, dtype=torch.float32)  # peft's default: fp32 adapters
@@ -46,26 +49,27 @@ def test_forward_matches_reference(case):
     s, seed = 2.0, 1234
     y_out, u_out = poisoned((M, N), dt), poisoned((M, r), torch.float32)
 
-    y, u = triton_forward(x, weight, bias, A, B, s, p, seed, out=y_out, u_out=u_out)
+    y, u = triton_forward(x, weight, bias, A, B, s, p, seed, out=y_out, u_out=u_out, strategy=strategy)
 
     assert y.dtype == dt and u.dtype == torch.float32
     assert y.data_ptr() == y_out.data_ptr()  # wrote into the poisoned buffers
     y_ref, u_ref, mag_y, mag_u = ref_forward(x, W64, bias, A, B, s, p, seed)
     assert_close("u", u, u_ref, mag_u, dt)
-    assert_close("y", y, y_ref, mag_y, dt)
+    assert_close("y", y, y_ref, mag_y, dt, w_roundings=W_ROUNDINGS[strategy] if fmt in ("nf4", "fp4") else 0)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "dequant-mm", "gemv"])
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_forward_base_only(fmt):
+def test_forward_base_only(fmt, strategy):
     """A = B = None: the base layer alone (+ bias), u is None."""
     M, K, N = SMALL
     weight, W64 = make_weight(fmt, N, K)
     x = rand((M, K), torch.bfloat16)
     bias = rand((N,), torch.bfloat16, seed=3)
-    y, u = triton_forward(x, weight, bias, None, None, 1.0, out=poisoned((M, N), x.dtype))
+    y, u = triton_forward(x, weight, bias, None, None, 1.0, out=poisoned((M, N), x.dtype), strategy=strategy)
     assert u is None
     y_ref, _, mag, _ = ref_forward(x, W64, bias, None, None, 1.0, 0.0, None)
-    assert_close("y", y, y_ref, mag, x.dtype)
+    assert_close("y", y, y_ref, mag, x.dtype, w_roundings=W_ROUNDINGS[strategy] if fmt == "nf4" else 0)
 
 
 def test_forward_strided_rows_and_zero_scaling():
@@ -106,9 +110,9 @@ def test_dequantize_bit_exact(fmt, nested, dt):
 
 @pytest.mark.parametrize("seed,p", [(0, 0.1), (12345, 0.5), (2**40 + 7, 0.3)])
 def test_dropout_mask_bit_exact(seed, p):
-    """The in-kernel Philox mask (lora_tiles.dropout_keep) equals reference.dropout_mask exactly,
-    standalone and inside the forward (M=37 tiled, M=5 decode: both draw it in the down-projection
-    kernel) and the fused backward kernel.
+    """The in-kernel Philox mask (tiles.dropout_keep) equals reference.dropout_mask exactly,
+    standalone and inside every strategy's forward (M=37 and M=5: the down-projection kernel, or
+    the gemv's down-projection programs) and backward (the fused kernel, mm.lora_grad_in_kernel).
 
     Inside the kernels it is made visible exactly: with x = 1, A = I (r = K = 64) the forward's
     u = keep / (1 - p) (one nonzero term per sum); with W = 0, B = I (N = r), g = 1 the backward's
@@ -119,14 +123,15 @@ def test_dropout_mask_bit_exact(seed, p):
     K = 64
     eye = torch.eye(K, device=DEVICE)
     zero_w = DenseWeight(torch.zeros(K, K, dtype=torch.bfloat16, device=DEVICE))
-    for m in (37, 5):
+    for m, fwd, bwd in ((37, "fused", "fused"), (5, "gemv", "dequant-mm"), (37, "dequant-mm", "dequant-mm"),
+                        (5, "fused", "fused")):
         x = torch.ones(m, K, dtype=torch.bfloat16, device=DEVICE)
         keep = reference.dropout_mask(seed, m, K, p, DEVICE)
-        _, u = triton_forward(x, zero_w, None, eye, eye, 1.0, p, seed)
-        assert torch.equal(u, keep.float() * (1.0 / (1.0 - p))), f"forward mask, M={m}"
+        _, u = triton_forward(x, zero_w, None, eye, eye, 1.0, p, seed, strategy=fwd)
+        assert torch.equal(u, keep.float() * (1.0 / (1.0 - p))), f"forward mask, M={m}, {fwd}"
         g = torch.ones(m, K, dtype=torch.bfloat16, device=DEVICE)
-        dx, _, _ = triton_backward(g, x, u, zero_w, eye, eye, 1.0 - p, p, seed)
-        assert torch.equal(dx.float(), keep.float()), f"backward mask, M={m}"
+        dx, _, _ = triton_backward(g, x, u, zero_w, eye, eye, 1.0 - p, p, seed, strategy=bwd)
+        assert torch.equal(dx.float(), keep.float()), f"backward mask, M={m}, {bwd}"
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])  # u in the K loop / u from the down-projection kernel

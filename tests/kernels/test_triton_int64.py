@@ -1,6 +1,6 @@
 """Row offsets that can pass 2**31 are computed in 64 bits in the compiled kernels: y stores and x
-loads of the forward and decode kernels, g loads, dx stores and x loads of the backward, the
-down-projection's x loads and the mask kernel's stores (M * N >= 2**31: a 128k-vocab head over 16k
+loads of the forward and gemv kernels, g loads, dx stores and x loads of the backward (fused and
+the dequant-mm strategy's LoRA kernels), the down-projection's x loads and the mask kernel's stores (M * N >= 2**31: a 128k-vocab head over 16k
 tokens). Checked in the TTIR the JIT would compile for such a call (tests/kernels/ttir_offsets.py,
 in a process without Triton's interpreter), on a GPU-less machine too."""
 import json
@@ -32,6 +32,9 @@ def test_the_check_sees_an_int32_row_offset(widths):
     ("lora_down_kernel", ["x_ptr"]),
     ("lora_backward_kernel", ["g_ptr", "dx_ptr", "x_ptr"]),
     ("lora_gemv_kernel", ["y_ptr", "x_ptr"]),
+    ("lora_up_kernel", ["y_ptr"]),
+    ("lora_grad_out_kernel", ["g_ptr"]),
+    ("lora_grad_in_kernel", ["x_ptr", "dx_ptr"]),
     ("dropout_mask_kernel", ["out_ptr"]),
 ])
 def test_row_offsets_are_int64(widths, kernel, pointers):

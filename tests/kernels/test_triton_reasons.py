@@ -14,7 +14,7 @@ from builders import DEVICE, make_lora, make_weight, rand
 from kernels import backends
 from kernels.call import make_call
 from kernels.formats import DenseWeight, Quant4bitWeight, Unsupported
-from kernels.triton import backward, configs, decode, forward, launch
+from kernels.triton import backward, configs, forward, launch
 
 N, K, M = 64, 128, 20
 
@@ -90,7 +90,7 @@ def test_bnb_cpu_repacked_layout_is_refused_by_the_record():
 
 # ---- shared memory -------------------------------------------------------------------------------
 
-KERNELS = [("forward", forward.GPU_CONFIGS), ("backward", backward.GPU_CONFIGS), ("decode", decode.GPU_CONFIGS)]
+KERNELS = [("forward", forward.GPU_CONFIGS), ("backward", backward.GPU_CONFIGS)]  # the autotuned ones
 
 
 @pytest.mark.parametrize("kernel,cands", KERNELS)
@@ -108,8 +108,7 @@ def test_configs_are_pruned_by_shared_memory_for_the_rank(kernel, cands):
     kept the first, too big, one for the backward), and some config still does."""
     big = configs.fitting(kernel, cands, 128, configs.H100_SMEM)
     assert big and all(configs.smem_bytes(kernel, c, 128) <= configs.H100_SMEM for c in big)
-    if kernel != "decode":
-        assert len(big) < len(cands)
+    assert len(big) < len(cands)
     if kernel == "backward":
         assert cands[0] not in big
     assert configs.fitting(kernel, cands, 128, None) == cands  # the interpreter: no limit
@@ -127,10 +126,14 @@ def test_pruner_keeps_a_fitting_config_with_autotune_off(monkeypatch):
     assert short.kwargs["BLOCK_M"] <= 64
 
 
-def test_no_fitting_config_is_a_reason(nf4, monkeypatch):
+def test_no_fitting_fused_config_leaves_the_other_strategies(nf4, monkeypatch):
+    """On a device where no "fused" config fits at this rank the call is still taken: the choice
+    skips "fused" (even when forced) and says why."""
     monkeypatch.setattr(launch, "smem_limit", lambda device=None: 40_000)
-    monkeypatch.setattr(launch, "interpreting", lambda: False)  # pretend a (very small) GPU
+    monkeypatch.setenv("LORAFUSE_STRATEGY", "fused")
     x = rand((M, K), torch.bfloat16)
     call = make_call(x, nf4, None, *make_lora(N, K, 128), 1.0, 0.0, False, None, None)
-    why = launch.reason(call)
-    assert why is not None and "shared memory at rank 128" in why
+    assert launch.reason(call) is None
+    for pass_ in ("forward", "backward"):
+        choice = launch.choose(pass_, M, nf4, 128, x, 0.0)
+        assert choice.strategy != "fused" and "no fused config fits the shared memory at rank 128" in choice.why

@@ -101,11 +101,16 @@ def main() -> dict:
     A, B = meta(r, K, dtype=torch.float32), meta(N, r, dtype=torch.float32)
     seed = meta(1, dtype=torch.int64)
     call = make_call(meta(M, K), w, None, A, B, 2.0, 0.1, True, None, None)
-    fwd = aot.capture(lambda: launch.forward(call, seed))  # down-projection, then the fused forward
-    bwd = aot.capture(lambda: launch.backward(meta(M, N), meta(M, K), meta(M, r, dtype=torch.float32), w, A, B,
-                                              2.0, 0.1, seed))
-    dec = aot.capture(lambda: launch.forward(make_call(meta(16, K), w, None, A, B, 2.0, 0.0, False, None, None),
-                                             None))
+    passes = []
+    for forced in ("fused", "dequant-mm"):  # every large-M strategy's kernels
+        os.environ["LORAFUSE_STRATEGY"] = forced
+        passes += aot.capture(lambda: launch.forward(call, seed))
+        passes += aot.capture(lambda: launch.backward(meta(M, N), meta(M, K), meta(M, r, dtype=torch.float32), w, A,
+                                                      B, 2.0, 0.1, seed))
+    os.environ["LORAFUSE_STRATEGY"] = "gemv"
+    passes += aot.capture(lambda: launch.forward(make_call(meta(16, K), w, None, A, B, 2.0, 0.0, False, None, None),
+                                                 None))
+    del os.environ["LORAFUSE_STRATEGY"]
     # the mask kernel the tests compare with the spec, at 2**31 elements (W itself is refused at
     # that size by its record, Quant4bitWeight.kernel_args: the tile loaders' flat offsets are int32)
     util = aot.capture(lambda: utils.dropout_mask(3, 16384, 2**31 // 16384, 0.1, "meta"))
@@ -114,10 +119,14 @@ def main() -> dict:
         "lora_down_kernel": [("x_ptr", "%stride_xm")],
         "lora_backward_kernel": [("g_ptr", "%stride_gm"), ("dx_ptr", "%stride_dxm"), ("x_ptr", "%stride_xm")],
         "lora_gemv_kernel": [("y_ptr", "%stride_ym"), ("x_ptr", "%stride_xm")],
+        "lora_up_kernel": [("y_ptr", "%stride_ym")],
+        "lora_grad_out_kernel": [("g_ptr", "%stride_gm")],
+        "lora_grad_in_kernel": [("x_ptr", "%stride_xm"), ("dx_ptr", "%stride_dxm")],
         "dropout_mask_kernel": [("out_ptr", "%K")],
+        "dequant_4bit_kernel": [],  # flat offsets, int64 from the start (no row stride)
     }
     out = {"int32_detector": _detector(aot)}
-    for launched in fwd + bwd + dec + util:
+    for launched in passes + util:
         text = aot.ttir(launched, launched.configs()[0])
         out[launched.name] = {ptr: row_offset_widths(text, "%" + ptr, stride)
                               for ptr, stride in checks[launched.name]}
