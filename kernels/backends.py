@@ -142,17 +142,15 @@ def choose(name: str, call: LoraCall) -> Backend:
     return TORCH
 
 
+@torch._dynamo.assume_constant_result
 def _say_fallback(why: str) -> None:
     """Once per reason per process, one plain line: on a CPU machine this is expected, not a
-    problem, and a warning with a source line reads as one."""
+    problem, and a warning with a source line reads as one. Under torch.compile Dynamo runs this
+    while tracing (assume_constant_result) instead of splitting the graph at the print: the line
+    appears when the layer compiles."""
     if why not in _warned:
         _warned.add(why)
         print(f"kernels: backend 'auto' uses torch ({why})", file=sys.stderr, flush=True)
-
-
-# Under torch.compile a call here runs after the compiled graph instead of splitting it (a print or
-# a set lookup while tracing is a graph break in every LoRA layer); it takes one string.
-torch._dynamo.config.reorderable_logging_functions.add(_say_fallback)
 
 
 MAX_REPORT = 1000  # distinct call shapes recorded per process

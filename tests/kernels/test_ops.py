@@ -88,3 +88,22 @@ def test_int8_dequantize_literal_is_the_named_constant():
     weight, _ = make_weight("int8", 64, 128)
     want = weight.CB * weight.SCB.view(-1, 1) * INT8_INV_127
     assert torch.equal(reference.dequantize(weight), want)
+
+
+def test_auto_fallback_line_under_compile_without_a_graph_break(capfd):
+    """backend='auto' on CPU tensors says why it uses torch once, also when the call is compiled
+    with fullgraph=True (a print while tracing would be a graph break, which fullgraph refuses)."""
+    import kernels
+    from kernels import backends
+    from kernels.formats import DenseWeight
+
+    backends.reset_warnings()
+    weight = DenseWeight(rand((8, 16), torch.float32).cpu())
+    A, B = (rand(s, torch.float32, seed=i).cpu() for i, s in ((3, (4, 16)), (4, (8, 4))))
+    f = torch.compile(lambda x: kernels.lora_linear(x, weight, None, A, B, 0.5, backend="auto"),
+                      backend="eager", fullgraph=True)
+    x = rand((2, 16), torch.float32).cpu()
+    for _ in range(2):
+        torch.testing.assert_close(f(x), kernels.lora_linear(x, weight, None, A, B, 0.5, backend="torch"))
+    err = capfd.readouterr().err
+    assert err.count("kernels: backend 'auto' uses torch (") == 1, err
