@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch._dynamo
 
 import kernels.backends
 
@@ -147,7 +146,9 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
         no_dropout(v.model)
         v.model.train()
     if compile:
-        torch._dynamo.reset()  # nothing compiled earlier in this process counts
+        import torch._dynamo as dynamo
+
+        dynamo.reset()  # nothing compiled earlier in this process counts
         # the two ours variants share one model, hence one wrapper: Dynamo keeps a compiled graph
         # per backend (it guards on the layer's backend name), so switching recompiles only once
         wrapped = {}

@@ -142,7 +142,7 @@ def choose(name: str, call: LoraCall) -> Backend:
     return TORCH
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def _say_fallback(why: str) -> None:
     """Once per reason per process, one plain line: on a CPU machine this is expected, not a
     problem, and a warning with a source line reads as one. Under torch.compile Dynamo runs this

@@ -7,6 +7,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py importable as `tiny_models`
 
+# Triton's interpreter on machines without CUDA (tests/kernels/conftest.py says why it must be set
+# before triton is imported). Also here, the first conftest pytest loads: test modules collected
+# before tests/kernels (tests/compare) import `kernels`, whose torch.compile support imports
+# torch._dynamo, which imports triton.
+if not torch.cuda.is_available():
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():
