@@ -85,7 +85,7 @@ def main() -> None:
     if args.quantization != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     torch.manual_seed(0)
-    model = get_lora_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), kernel="torch")
+    model = get_lora_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), backend="torch")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     held = sum(p.to_local().untyped_storage().nbytes() if hasattr(p, "to_local") else p.untyped_storage().nbytes()

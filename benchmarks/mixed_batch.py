@@ -36,7 +36,7 @@ def build(hidden: int, layers: int, lib: str):
     base = transformers.LlamaForCausalLM(config).eval()
     cfg = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     if lib == "ours":
-        model = lora_core.get_lora_model(base, lora_core.LoraConfig(**cfg), adapter_name="a", kernel="auto")
+        model = lora_core.get_lora_model(base, lora_core.LoraConfig(**cfg), adapter_name="a", backend="auto")
         model.add_adapter("b", lora_core.LoraConfig(**cfg))
     else:
         model = peft.get_peft_model(base, peft.LoraConfig(**cfg), adapter_name="a")

@@ -9,8 +9,9 @@ import sys
 def _prepare_triton_interpreter(argv: list[str]) -> None:
     """Turn on Triton's interpreter before anything imports triton, when triton is asked for on a
     machine without CUDA: the interpreter reads TRITON_INTERPRET once, at triton's import."""
-    wants_triton = any(a == "--kernel=triton" for a in argv) or any(
-        a == "--kernel" and i + 1 < len(argv) and argv[i + 1] == "triton" for i, a in enumerate(argv))
+    flags = ("--backend", "--kernel")  # --kernel: the old name
+    wants_triton = any(a in (f + "=triton" for f in flags) for a in argv) or any(
+        a in flags and i + 1 < len(argv) and argv[i + 1] == "triton" for i, a in enumerate(argv))
     if not wants_triton or "triton" in sys.modules or os.environ.get("TRITON_INTERPRET"):
         return
     import torch  # importing torch does not import triton
@@ -42,8 +43,8 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             raise CompareError(f"{act.option_strings[0]} must be {b.rule(act.type is float)} (got {value})")
 
 
-def _model_flags(p: argparse.ArgumentParser, kernel: bool = True) -> None:
-    from .models import DTYPES, KERNELS, QUANTIZATIONS
+def _model_flags(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    from .models import DTYPES, BACKENDS, QUANTIZATIONS
 
     p.add_argument("--model", default="tiny",
                    help="'tiny' (the embedded default), a local model directory or a hub id (default: tiny)")
@@ -51,10 +52,11 @@ def _model_flags(p: argparse.ArgumentParser, kernel: bool = True) -> None:
                    help="base weights through bitsandbytes: nf4 = double quant (default: none)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="base compute dtype; LoRA weights stay fp32 on both sides (default: float32, "
-                        "bfloat16 with --kernel triton, whose kernels take fp16/bf16 activations)")
-    if kernel:
-        p.add_argument("--kernel", default="torch", choices=KERNELS,
-                       help="our backend (triton on CPU runs in Triton's interpreter) (default: torch)")
+                        "bfloat16 with --backend triton, whose kernels take fp16/bf16 activations)")
+    if backend:
+        p.add_argument("--backend", "--kernel", dest="backend", default="torch", choices=BACKENDS,
+                       help="our backend (triton on CPU runs in Triton's interpreter; --kernel is its old, "
+                            "deprecated name) (default: torch)")
     _num(p, "--r", int, 8, "LoRA rank", gt=0)
     _num(p, "--lora-alpha", int, 16, "LoRA alpha", gt=0)
     p.add_argument("--target-modules", default=None,
@@ -79,11 +81,11 @@ def _spec(args):
     tm = args.target_modules
     if tm is not None and tm != "all-linear":
         tm = [t.strip() for t in tm.split(",") if t.strip()]
-    kernel = getattr(args, "kernel", "torch")
-    dtype = args.dtype or ("bfloat16" if kernel == "triton" else "float32")
+    backend = getattr(args, "backend", "torch")
+    dtype = args.dtype or ("bfloat16" if backend == "triton" else "float32")
     return ModelSpec(model=args.model, quantization=args.quantization, dtype=dtype,
                      r=args.r, lora_alpha=args.lora_alpha, target_modules=tm,
-                     kernel=kernel, batch=args.batch, seq=args.seq,
+                     backend=backend, batch=args.batch, seq=args.seq,
                      seed=args.seed, use_dora=args.use_dora, use_rslora=args.use_rslora,
                      lora_bias=args.lora_bias, init_lora_weights=args.init_lora_weights)
 
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .speed import COMPILE_MODES
 
     sp = sub.add_parser("speed", help="forward / forward+backward / optimizer-step time and memory vs peft")
-    _model_flags(sp, kernel=False)
+    _model_flags(sp, backend=False)
     _num(sp, "--steps", int, 20, "timed repetitions per variant", ge=1)
     _num(sp, "--warmup", int, 3, "untimed warm-up repetitions", ge=0)
     _num(sp, "--threads", int, None, "torch intra-op threads; torch's choice when not given", ge=1)
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_start()  # before anything imports bitsandbytes
     _prepare_triton_interpreter(argv)
+    from train.config import note_old_flags
+
+    note_old_flags(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
 

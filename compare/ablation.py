@@ -40,6 +40,7 @@ import itertools
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -152,7 +153,14 @@ def parse_settings(items: Iterable[str]) -> dict[str, str]:
 
 def validate_grid(TrainConfig, base: Mapping[str, Any], grid: Mapping[str, Iterable[Any]]
                   ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Check every key and value against TrainConfig; return both coerced. Raises CompareError."""
+    """Check every key and value against TrainConfig; return both coerced. Raises CompareError.
+    An old field name (train.config.OLD_FIELDS: kernel) is read as its new one, with a FutureWarning."""
+    from train.config import OLD_FIELDS
+
+    for old in [k for k in (*base, *grid) if k in OLD_FIELDS]:
+        warnings.warn(f"sweep key {old!r} is deprecated: use {OLD_FIELDS[old]!r}", FutureWarning, stacklevel=3)
+    base = {OLD_FIELDS.get(k, k): v for k, v in base.items()}
+    grid = {OLD_FIELDS.get(k, k): v for k, v in grid.items()}
     fields = _fields(TrainConfig)
     valid = ", ".join(n for n in fields if n not in RESERVED)
     for where, keys in (("grid", list(grid)), ("base config", list(base))):

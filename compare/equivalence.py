@@ -42,9 +42,9 @@ def tolerances(spec: ModelSpec, device: str = "cpu") -> dict[str, tuple[float, s
                        "layer rounds several times (attention, MLP, residual, the LoRA branch cast back "
                        "from fp32) and the two sides do not round at the same points: a few ulps of the "
                        "largest logit (measured 1.3e-2 to 1.7e-2 on the tiny default in bf16)")
-    if spec.kernel == "triton" and device == "cuda" and spec.dtype == "float32":
+    if spec.backend == "triton" and device == "cuda" and spec.dtype == "float32":
         exact = (2e-2, "triton on CUDA: tl.dot on fp32 inputs uses TF32 (10 mantissa bits)")
-    elif spec.kernel == "triton" and exact[0] < 1e-3:
+    elif spec.backend == "triton" and exact[0] < 1e-3:
         exact = (1e-3, "triton: fp32 block-wise accumulation in a different order than torch's GEMM")
 
     if spec.quantization in ("nf4", "fp4") and device == "cpu":
@@ -218,7 +218,7 @@ class Report:
                          r.verdict, r.where])
         head = (f"equivalence vs peft: method={self.info.get('method', 'lora')} model={self.info.get('model')} "
                 f"quantization={self.spec.quantization} "
-                f"dtype={self.spec.dtype} kernel={self.spec.kernel} r={self.spec.r} "
+                f"dtype={self.spec.dtype} backend={self.spec.backend} r={self.spec.r} "
                 f"alpha={self.spec.lora_alpha} layers={self.info.get('lora_layers')} "
                 f"batch={self.spec.batch}x{self.spec.seq}")
         out = [head, table(["check", "max_abs", "rel", "tol(rel)", "why", "verdict", "worst / note"], body),
@@ -305,7 +305,7 @@ def _trajectory_row(name: str, losses: dict, tol, detail: dict) -> Row:
 def dropout_trajectory_tolerance(spec: ModelSpec, device: str, tol_traj) -> Optional[tuple[float, str]]:
     """The dropout-on row's tolerance, or None when the row does not apply: only the torch backend
     draws peft's masks (the triton kernels draw Philox masks, so their dropout noise differs)."""
-    if not (spec.kernel == "torch" or (spec.kernel == "auto" and device == "cpu")):
+    if not (spec.backend == "torch" or (spec.backend == "auto" and device == "cpu")):
         return None
     if device == "cpu" and spec.dtype == "float32" and spec.quantization in ("none", "nf4", "fp4"):
         return (0.0, "lora_dropout on, same torch.manual_seed: ours draws peft's masks (torch's generator, "
@@ -359,7 +359,7 @@ def check_adapter_files(pair: Pair, spec: ModelSpec, batch: dict, tol, tmp: Path
 
     torch.manual_seed(spec.seed)
     loaded_o = lora_core.LoraModel.from_pretrained(models.load_base(spec), str(peft_dir))
-    loaded_o.set_kernel(spec.kernel)
+    loaded_o.set_backend(spec.backend)
     no_dropout(loaded_o)
     row_o = _file_row("peft adapter file -> ours", {p: adapter_tensors(t) for p, (_, t) in pair.keymap.items()},
                       dict(loaded_o.lora_layers()), loaded_o, pair.peft, batch, tol)
@@ -550,7 +550,7 @@ def check_init(spec: ModelSpec, tol) -> Row:
                 where=where)
 
 
-def probe_kernel(model, batch: dict, spec: ModelSpec) -> None:
+def probe_backend(model, batch: dict, spec: ModelSpec) -> None:
     """One forward and backward of ours with the chosen backend; a backend that cannot run here
     becomes a CompareError naming it (before any row is measured). Leaves no gradients behind."""
     model.train()
@@ -559,7 +559,7 @@ def probe_kernel(model, batch: dict, spec: ModelSpec) -> None:
     except (NotImplementedError, ValueError, RuntimeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise models.CompareError(
-            f"our model cannot run with kernel={spec.kernel!r} on this machine "
+            f"our model cannot run with backend={spec.backend!r} on this machine "
             f"(quantization={spec.quantization}, dtype={spec.dtype}): {msg}") from None
     finally:
         model.zero_grad(set_to_none=True)
@@ -593,7 +593,7 @@ def run_equivalence(spec: ModelSpec, steps: int = 4, progress: Optional[Callable
     pair = pair_for()
     report.info["lora_layers"] = len(pair.keymap)
     batch = example_batch(pair.ours.base_model, spec)
-    probe_kernel(pair.ours, batch, spec)
+    probe_backend(pair.ours, batch, spec)
     report.rows.append(check_counts(pair, tols["count"]))
     report.rows.append(check_init(spec, tols["init"]))
     a, r = diff(logits_of(pair.ours, batch, "inference"), logits_of(pair.peft, batch, "inference"))

@@ -73,7 +73,7 @@ def build_method_pair(spec: ModelSpec, method: str, steps: int, state: Optional[
     try:
         torch.manual_seed(spec.seed)
         ours = lora_core.get_lora_model(base_ours, ours_cfg)
-        ours.set_kernel(spec.kernel)
+        ours.set_backend(spec.backend)
     except ValueError as e:
         raise CompareError(f"lora_core refused this configuration: {e}") from None
     try:
@@ -163,7 +163,7 @@ def check_files(pair: Pair, spec: ModelSpec, batch: dict, tol, tmp: Path) -> lis
             ("peft adapter file -> ours", lora_core.LoraModel.from_pretrained(load_base(spec), str(peft_dir)),
              pair.peft)):
         if isinstance(loaded, lora_core.LoraModel):
-            loaded.set_kernel(spec.kernel)
+            loaded.set_backend(spec.backend)
         no_dropout(loaded)
         batch_no_labels = {k: v for k, v in batch.items() if k != "labels"}  # peft's AdaLoRA needs no loss here
         if getattr(loaded.config, "is_encoder_decoder", False):

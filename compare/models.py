@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-KERNELS = ("torch", "triton")
+BACKENDS = ("torch", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +37,7 @@ class ModelSpec:
     r: int = 8
     lora_alpha: int = 16
     target_modules: Optional[list[str] | str] = None  # None = the per-architecture default
-    kernel: str = "torch"          # our backend; peft has only its own
+    backend: str = "torch"         # our backend; peft has only its own
     batch: int = 2
     seq: int = 16
     seed: int = 0
@@ -60,15 +60,15 @@ class ModelSpec:
     def validate(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise CompareError(f"unknown quantization {self.quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
-        if self.kernel not in KERNELS:
-            raise CompareError(f"unknown kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
+        if self.backend not in BACKENDS:
+            raise CompareError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise CompareError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         if self.r <= 0:
             raise CompareError(f"r must be a positive integer, got {self.r}")
         if self.batch <= 0 or self.seq <= 1:
             raise CompareError(f"need batch >= 1 and seq >= 2, got batch={self.batch} seq={self.seq}")
-        check_kernel_available(self.kernel)
+        check_backend_available(self.backend)
         import lora_core
 
         try:  # the variant rules (lora_bias with init true/false and without DoRA, even r, ...)
@@ -99,20 +99,20 @@ class ModelSpec:
         return DTYPES[self.dtype]
 
 
-def check_kernel_available(kernel: str) -> None:
-    """Raise CompareError when `kernel` cannot run on this machine (before any model is built)."""
+def check_backend_available(backend: str) -> None:
+    """Raise CompareError when `backend` cannot run on this machine (before any model is built)."""
     import os
 
-    if kernel != "triton":
+    if backend != "triton":
         return
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        raise CompareError(f"kernel 'triton' needs the triton package ({e}); use --kernel torch") from None
+        raise CompareError(f"backend 'triton' needs the triton package ({e}); use --backend torch") from None
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise CompareError(
-            "kernel 'triton' needs a CUDA GPU, or Triton's interpreter on CPU (set TRITON_INTERPRET=1 "
-            "before triton is imported; `python -m compare` does this itself); use --kernel torch")
+            "backend 'triton' needs a CUDA GPU, or Triton's interpreter on CPU (set TRITON_INTERPRET=1 "
+            "before triton is imported; `python -m compare` does this itself); use --backend torch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def build_pair(spec: ModelSpec, lora_weights: Optional[dict] = None, keep_init: 
     try:
         torch.manual_seed(spec.seed)
         ours = lora_core.get_lora_model(base_ours, our_config(spec))
-        ours.set_kernel(spec.kernel)
+        ours.set_backend(spec.backend)
     except ValueError as e:  # lora_core's config/injection errors name the problem and the fix
         raise CompareError(f"lora_core refused this configuration: {e}") from None
     try:

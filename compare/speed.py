@@ -45,7 +45,7 @@ class Variant:
 
     name: str
     model: object = None
-    kernel: Optional[str] = None
+    backend: Optional[str] = None
     skipped: str = ""
     layers: dict = field(default_factory=dict)  # {path: this side's LoRA layer}
     opt: object = None
@@ -122,7 +122,7 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
                          f"(from {', '.join(VARIANTS)})")
     say = progress or (lambda msg: None)
     cuda = torch.cuda.is_available()
-    base_spec = ModelSpec(**{**vars(spec), "kernel": "torch"})
+    base_spec = ModelSpec(**{**vars(spec), "backend": "torch"})
     base_spec.validate()
     say("building ours and peft")
     kernels.backends.reset_report()  # what ran, per layer shape: result["backends"]
@@ -161,7 +161,7 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
             v.run = v.model
     if lora_dropout > 0:
         set_lora_dropout(pair.keymap, lora_dropout)
-    # The two ours variants share one model (set_kernel switches), so they share one optimizer.
+    # The two ours variants share one model (set_backend switches), so they share one optimizer.
     opts = {}
     for v in live:
         key = id(v.model)
@@ -190,18 +190,18 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
     say("first optimizer step of each variant" + (" (compiling)" if compile else ""))
     for v in list(live):
         try:
-            if v.kernel:
-                v.model.set_kernel(v.kernel)
+            if v.backend:
+                v.model.set_backend(v.backend)
             v.first_step = timer(phases(v, batches[0])["optimizer step"])
         except (NotImplementedError, ValueError, RuntimeError, ImportError) as e:
-            if v.kernel is None:
+            if v.backend is None:
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            v.skipped = f"kernel {v.kernel!r} cannot run this model here: {msg}"
+            v.skipped = f"backend {v.backend!r} cannot run this model here: {msg}"
             live.remove(v)
         finally:
             v.model.zero_grad(set_to_none=True)
-    if not any(v.kernel for v in live):
+    if not any(v.backend for v in live):
         raise CompareError("none of our backends could run this model here: "
                            + "; ".join(f"{v.name}: {v.skipped}" for v in variants if v.skipped))
 
@@ -210,8 +210,8 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
         b = batches[i % n_batches]
         order = live[i % len(live):] + live[:i % len(live)]  # rotate who goes first
         for v in order:
-            if v.kernel:
-                v.model.set_kernel(v.kernel)
+            if v.backend:
+                v.model.set_backend(v.backend)
             for name, fn in phases(v, b).items():
                 dt, cpu = timer(fn)
                 if i >= warmup:
@@ -221,8 +221,8 @@ def run_speed(spec: ModelSpec, steps: int = 20, warmup: int = 3, n_batches: int 
 
     say("memory: " + ("not measured with compile" if compile else "one more optimizer step each, under the profiler"))
     for v in ([] if compile else live):
-        if v.kernel:
-            v.model.set_kernel(v.kernel)
+        if v.backend:
+            v.model.set_backend(v.backend)
         v.memory = memory.measure_step(v.model, v.opt, batches[0], v.layers)
         if cuda:
             v.cuda_memory = memory.cuda_peaks(phases(v, batches[0])["optimizer step"])

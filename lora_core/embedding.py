@@ -104,8 +104,8 @@ class LoraEmbedding(LoraLinear):
     """
 
     def __init__(self, base_layer: nn.Embedding, adapter: LoraEmbeddingAdapter, adapter_name: str = "default",
-                 kernel: str = "auto", tied_modules: Optional[list[str]] = None):
-        super().__init__(base_layer, fan_in_fan_out=True, kernel=kernel, adapter_name=adapter_name,
+                 backend: str = "auto", tied_modules: Optional[list[str]] = None):
+        super().__init__(base_layer, fan_in_fan_out=True, backend=backend, adapter_name=adapter_name,
                          adapter=adapter)
         self.tied_modules = list(tied_modules or [])
 

@@ -245,7 +245,7 @@ def modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                lora_dtype: torch.dtype = torch.float32, kernel: str = "auto",
+                lora_dtype: torch.dtype = torch.float32, backend: str = "auto",
                 targets: Optional[list[str]] = None, active: Optional[Sequence[str]] = None,
                 copy_from: Optional[dict[str, nn.Module]] = None) -> list[str]:
     """Put adapter `adapter_name` of `config` on its targets in `model`, in place; returns their paths.
@@ -281,7 +281,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             tied = [n for n, m in iter_modules(model) if m is not module
                     and getattr(m, "weight", None) is module.weight]
             new_layers[name] = LoraEmbedding(module, new_adapter(config, name, module, lora_dtype, _device_of(module)),
-                                             adapter_name=adapter_name, kernel=kernel, tied_modules=tied)
+                                             adapter_name=adapter_name, backend=backend, tied_modules=tied)
             continue
         is_conv1d = isinstance(conv1d, type) and isinstance(module, conv1d)
         fan_in_fan_out = config.fan_in_fan_out
@@ -290,7 +290,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             fan_in_fan_out = is_conv1d
         adapter = new_adapter(config, name, module, lora_dtype, _device_of(module))
         rewrites.append(lora_init.prepare(adapter, config, module))
-        new_layers[name] = LoraLinear(module, fan_in_fan_out=fan_in_fan_out, kernel=kernel,
+        new_layers[name] = LoraLinear(module, fan_in_fan_out=fan_in_fan_out, backend=backend,
                                       adapter_name=adapter_name, adapter=adapter)
     if flipped:
         warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {flipped[0]} (and "

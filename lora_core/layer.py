@@ -4,7 +4,7 @@
 
 Storage: ONE registry, `adapters: ModuleDict[name -> adapter module]` (`lora_core.adapters` holds
 each method's math), plus `active_adapters` (what the forward applies), `merged_adapters` (what is
-inside the base weight now), `disabled` and the `kernel` backend name. peft's names read as views:
+inside the base weight now), `disabled` and the `backend` name. peft's names read as views:
 `layer.lora_A[name]`, `layer.lora_B[name]`, `layer.scaling[name]`, `layer.r[name]`, ... (plain dicts
 built on access; change an adapter through `layer.adapters[name]`). Why one module per adapter
 instead of peft's dict per attribute: see `lora_core.adapters`.
@@ -51,20 +51,21 @@ class LoraLinear(nn.Module):
     The other arguments describe the first adapter, named `adapter_name` (more come through
     `add_adapter`). lora_dtype: dtype of lora_A / lora_B (fp32 by default, as peft's
     autocast_adapter_dtype; pass e.g. torch.bfloat16 to keep the LoRA branch in half precision).
-    kernel: backend of `kernels.lora_linear` ("auto" | "torch" | "triton"). adapter: a first
+    backend: backend of `kernels.lora_linear` ("auto" | "torch" | "triton"; `kernel=` is its old,
+    deprecated name). adapter: a first
     adapter built elsewhere (`lora_core.adapters`), used instead of r / lora_alpha / ... .
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
-                 fan_in_fan_out: bool = False, lora_dtype: torch.dtype = torch.float32, kernel: str = "auto",
-                 adapter_name: str = "default", adapter: Optional[nn.Module] = None):
+                 fan_in_fan_out: bool = False, lora_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 adapter_name: str = "default", adapter: Optional[nn.Module] = None, kernel: Optional[str] = None):
         super().__init__()
-        _check_kernel(kernel)
+        backend = resolve_backend(backend, kernel, type(self).__name__)
         self.base_layer = base_layer
         self.in_features, self.out_features = quant.in_out_features(base_layer)  # K, N
         self.fan_in_fan_out = fan_in_fan_out
-        self.kernel = kernel
+        self.backend = backend
         self.adapters = nn.ModuleDict()
         self._active: list[str] = [adapter_name]
         self.merged_adapters: list[str] = []
@@ -105,6 +106,17 @@ class LoraLinear(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def kernel(self) -> str:
+        """Deprecated name of `backend` (reading and setting still work, with a FutureWarning)."""
+        warnings.warn("LoraLinear.kernel is deprecated: use .backend", FutureWarning, stacklevel=2)
+        return self.backend
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        warnings.warn("LoraLinear.kernel is deprecated: use .backend", FutureWarning, stacklevel=2)
+        self.backend = resolve_backend(name, None, "LoraLinear")
 
     # peft's per-adapter dicts, as read-only views of the registry (adapters of the methods that
     # have the attribute: `ia3_l` for IA3, `lora_E` for AdaLoRA, ...)
@@ -152,7 +164,7 @@ class LoraLinear(nn.Module):
             # seed=None: the backend draws the dropout mask itself (torch: from torch's generator,
             # so torch.manual_seed reproduces a run and checkpointing's RNG restore covers it)
             return kernels.lora_linear(x, self._base_record(), quant.base_bias(self.base_layer), A, B,
-                                       scaling, p, self.training, backend=self.kernel, seed=None)
+                                       scaling, p, self.training, backend=self.backend, seed=None)
         if len(todo) == 1:
             self._check_backend_computes(todo[0], x)
         xb = x
@@ -179,7 +191,7 @@ class LoraLinear(nn.Module):
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone (merged adapters included), through the layer's backend."""
         return kernels.lora_linear(x, self._base_record(), quant.base_bias(self.base_layer), None, None,
-                                   1.0, 0.0, self.training, backend=self.kernel)
+                                   1.0, 0.0, self.training, backend=self.backend)
 
     def _mixed_batch(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """Row i of x (first dim) gets adapter names[i] only; "__base__" rows the base alone."""
@@ -218,16 +230,16 @@ class LoraLinear(nn.Module):
         reason = getattr(adapter, "kernel_reason", None)
         if reason is None:
             self._note_torch_terms(x, f"{getattr(adapter, 'method', 'this')} adapters (not fused)")
-        elif self.kernel == "triton":
-            raise ValueError(f"kernel='triton' cannot run this {adapter.method} adapter: {reason}. Fix: "
-                             f"model.set_kernel('auto') (base on triton where it can, the adapter in PyTorch) "
+        elif self.backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this {adapter.method} adapter: {reason}. Fix: "
+                             f"model.set_backend('auto') (base on triton where it can, the adapter in PyTorch) "
                              f"or 'torch'.")
         else:
             self._note_torch_terms(x, f"{adapter.method} adapter: {reason}")
 
     def _note_torch_terms(self, x: torch.Tensor, why: str) -> None:
-        if self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda):
-            reason = f"{why}: the adapter terms run in PyTorch (the base layer runs on the {self.kernel} backend)"
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+            reason = f"{why}: the adapter terms run in PyTorch (the base layer runs on the {self.backend} backend)"
             if reason not in _warned:
                 _warned.add(reason)
                 warnings.warn(f"LoraLinear: {reason}; one active adapter runs fused.", stacklevel=3)
@@ -417,9 +429,15 @@ def _check_finite(w: torch.Tensor) -> None:
                          "refusing to merge. The base weight is unchanged.")
 
 
-def _check_kernel(name: str) -> None:
-    if name not in kernels.BACKENDS:
-        raise ValueError(f"kernel={name!r}: unknown backend. Fix: use one of {list(kernels.BACKENDS)}.")
+def resolve_backend(backend: str, kernel: Optional[str], where: str) -> str:
+    """The backend name to use, checked. `kernel` is the argument's old name (one word, `backend`,
+    everywhere now): still accepted, with a FutureWarning, so older scripts keep running."""
+    if kernel is not None:
+        warnings.warn(f"{where}(kernel=...) is deprecated: use backend=...", FutureWarning, stacklevel=3)
+        backend = kernel
+    if backend not in kernels.BACKENDS:
+        raise ValueError(f"backend={backend!r}: unknown backend. Fix: use one of {list(kernels.BACKENDS)}.")
+    return backend
 
 
 def _device_of(layer: nn.Module) -> Optional[torch.device]:

@@ -41,7 +41,7 @@ from . import quant, tasks
 from .config import LoraConfig
 from .inject import (ModulesToSave, adapter_parameters, bias_parameters, check_no_lora, find_targets,
                      inject_lora, resolve_target_modules)
-from .layer import BASE_ROW, LoraLinear, _check_kernel
+from .layer import BASE_ROW, LoraLinear, resolve_backend
 from .methods import adalora, adaption_prompt, as_config, is_prompt_method, prompt_tuning
 from .methods.adaption_prompt import AdaptedAttention
 from .methods.prompt_tuning import PromptEmbedding
@@ -71,17 +71,18 @@ REFUSED_KWARGS = {"alora_offsets": "aLoRA is not implemented in lorafuse",
 class LoraModel(nn.Module):
     """A Hugging Face model with LoRA adapters injected. Build it with `get_lora_model`.
 
-    lora_dtype: dtype of every adapter's weights (fp32 by default, as peft). kernel: the backend of
-    every LoraLinear ("auto" | "torch" | "triton"; `set_kernel` changes it).
+    lora_dtype: dtype of every adapter's weights (fp32 by default, as peft). backend: the backend of
+    every LoraLinear ("auto" | "torch" | "triton"; `set_backend` changes it; `kernel=` is its old,
+    deprecated name).
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, lora_dtype: torch.dtype = torch.float32,
-                 kernel: str = "auto", adapter_name: str = "default"):
+                 backend: str = "auto", adapter_name: str = "default", kernel: Optional[str] = None):
         super().__init__()
         if isinstance(model, LoraModel):
             raise ValueError("the model is already a LoraModel. Fix: add another adapter with "
                              "add_adapter(name, config), or pass the original base model.")
-        _check_kernel(kernel)
+        backend = resolve_backend(backend, kernel, "LoraModel")
         _check_adapter_name(adapter_name)
         check_no_lora(model)
         self.base_model = model
@@ -89,7 +90,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = [adapter_name]
         self._lora_dtype = lora_dtype
-        self._kernel = kernel
+        self._backend = backend
         self._inject(adapter_name, config)
 
     def _inject(self, name: str, config: LoraConfig, copy_from: Optional[dict] = None,
@@ -117,7 +118,7 @@ class LoraModel(nn.Module):
         # "all-linear" -> every linear layer's path), so adapter_config.json names what was adapted.
         resolved = resolve_target_modules(self.base_model, config)
         targets = find_targets(self.base_model, config) if targets is None else targets  # raises first
-        inject_lora(self.base_model, config, name, lora_dtype=self._lora_dtype, kernel=self._kernel,
+        inject_lora(self.base_model, config, name, lora_dtype=self._lora_dtype, backend=self._backend,
                     targets=targets, active=self._active, copy_from=copy_from)
         config.target_modules = resolved
         if hasattr(config, "targets_resolved"):  # a method whose other fields follow (IA3's feed-forward)
@@ -516,12 +517,16 @@ class LoraModel(nn.Module):
         kinds = (LoraLinear, ModulesToSave, AdaptedAttention)
         return [m for m in self.base_model.modules() if isinstance(m, kinds)] + list(self.prompt_encoder.values())
 
-    def set_kernel(self, name: str) -> None:
+    def set_backend(self, name: str) -> None:
         """Backend of every LoraLinear (and of layers added later): "torch" | "triton" | "auto"."""
-        _check_kernel(name)
-        self._kernel = name
+        self._backend = resolve_backend(name, None, "set_backend")
         for layer in self.lora_layers().values():
-            layer.kernel = name
+            layer.backend = name
+
+    def set_kernel(self, name: str) -> None:
+        """Deprecated name of `set_backend`."""
+        warnings.warn("set_kernel is deprecated: use set_backend", FutureWarning, stacklevel=2)
+        self.set_backend(name)
 
     def backend_report(self) -> list[dict]:
         """What `kernels.lora_linear` ran for this model's LoRA layers in this process: the entries of
@@ -682,13 +687,15 @@ class LoraModel(nn.Module):
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, lora_dtype: torch.dtype = torch.float32,
-                   kernel: str = "auto", adapter_name: str = "default") -> LoraModel:
+                   backend: str = "auto", adapter_name: str = "default",
+                   kernel: Optional[str] = None) -> LoraModel:
     """Inject LoRA layers into `model` (in place) per `config` and wrap it in a LoraModel.
 
     lora_dtype: dtype of the LoRA weights (fp32 by default, as peft). Raises ValueError, with the
     model unchanged, if the config matches nothing or the model already has LoRA layers.
     """
-    return LoraModel(model, config, lora_dtype=lora_dtype, kernel=kernel, adapter_name=adapter_name)
+    backend = resolve_backend(backend, kernel, "get_lora_model")
+    return LoraModel(model, config, lora_dtype=lora_dtype, backend=backend, adapter_name=adapter_name)
 
 
 def _check_adapter_name(name) -> None:

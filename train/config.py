@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -148,8 +149,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch input", ge=0, lt=1)
     target_modules: str = _f("all-linear", "comma-separated module names to adapt, or all-linear",
                              nonempty=True)
-    kernel: str = _f("auto", "LoRA forward/backward backend (triton needs CUDA, or TRITON_INTERPRET=1 on CPU)",
-                     ("auto", "torch", "triton"))
+    backend: str = _f("auto", "LoRA forward/backward backend (triton needs CUDA, or TRITON_INTERPRET=1 on CPU); "
+                      "--kernel is its old, deprecated name", ("auto", "torch", "triton"))
     use_rslora: bool = _f(False, "rsLoRA: scaling = lora_alpha / sqrt(r)")
     use_dora: bool = _f(False, "DoRA: a trained magnitude per output row times the direction of W + "
                         "scaling * B @ A (runs in PyTorch, not fused)")
@@ -266,10 +267,22 @@ RESUME_MAY_CHANGE = frozenset({
     "logging_steps", "eval_steps", "save_steps", "save_total_limit",      # cadence
     "per_device_eval_batch_size", "tag_eval_samples", "num_sample_generations", "max_new_tokens",  # eval
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "merge", "report_to",  # outputs
-    "cpu_threads", "kernel", "gradient_checkpointing",                    # speed/memory, same math
+    "cpu_threads", "backend", "gradient_checkpointing",                   # speed/memory, same math
     "torch_compile", "torch_compile_mode",            # the same math, compiled (other roundings)
     "fsdp", "bnb_4bit_quant_storage",                # sharding, the packed bytes' dtype: same math
 })
+
+
+# Old spellings of a flag, still accepted (with a note on stderr): the knob's one word is "backend".
+OLD_FLAGS = {"--backend": ("--kernel",)}
+OLD_FIELDS = {"kernel": "backend"}  # the same, as a TrainConfig field name (compare sweep's keys)
+
+
+def note_old_flags(argv: list[str]) -> None:
+    """One stderr note per old flag spelling in argv (train's and compare's parsers accept both)."""
+    for new, olds in OLD_FLAGS.items():
+        if any(a in olds or a.startswith(tuple(o + "=" for o in olds)) for a in argv):
+            print(f"note: {' / '.join(olds)} is deprecated: use {new}", file=sys.stderr)
 
 
 def flag(name: str) -> str:
@@ -436,12 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if not meta["choices"] and rule(f) and rule(f) != "not empty":
             help_text += f"; must be {rule(f)}"
-        p.add_argument(flag(f.name), dest=f.name, type={"int": int, "float": float, "str": str}[_type(f)],
+        p.add_argument(flag(f.name), *OLD_FLAGS.get(flag(f.name), ()), dest=f.name,
+                       type={"int": int, "float": float, "str": str}[_type(f)],
                        default=f.default, help=help_text, choices=meta["choices"])
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse CLI arguments into a TrainConfig (types only; `check_config` checks the values)."""
+    argv = sys.argv[1:] if argv is None else argv
+    note_old_flags(argv)
     ns = build_parser().parse_args(argv)
     return TrainConfig(**vars(ns))

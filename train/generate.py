@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate; > 0 (default: 64)")
     p.add_argument("--seed", type=int, default=42, help="seed the built-in tiny Llama is rebuilt from "
                    "(the training run's --seed; default: 42)")
-    p.add_argument("--kernel", default="auto", choices=("auto", "torch", "triton"),
-                   help="LoRA backend (default: auto)")
+    p.add_argument("--backend", "--kernel", dest="backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="LoRA backend (default: auto; --kernel is its old, deprecated name)")
     p.add_argument("--no-adapter", action="store_true", help="generate with the base model alone")
     return p
 
@@ -84,7 +84,7 @@ def generate(args, base_name: str) -> str:
         except ValueError as e:  # e.g. an adapter trained on another base: the first line says which
             raise TrainError(f"--adapter {args.adapter}: {str(e).splitlines()[0]} (pass the base it was "
                              f"trained on with --model)") from None
-        model.set_kernel(args.kernel)
+        model.set_backend(args.backend)
     model.eval()
     tokenizer = _tokenizer(args.adapter) or load_tokenizer(base_name)
     enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)

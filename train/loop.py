@@ -89,16 +89,16 @@ def preflight(cfg: TrainConfig) -> Path | None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainError("--mixed-precision fp16 needs a CUDA GPU (fp16 gradient scaling); "
                          "use bf16 or no on CPU")
-    if cfg.kernel == "triton":
+    if cfg.backend == "triton":
         problem = _triton_problem()
         if problem:
-            raise TrainError(f"--kernel triton {problem}; use --kernel auto (triton where it can run) or torch")
+            raise TrainError(f"--backend triton {problem}; use --backend auto (triton where it can run) or torch")
         problem = _triton_precision_problem(cfg)
         if problem:
             raise TrainError(problem)
         if cfg.use_dora:  # the layer would refuse at the first forward; say it before any work
-            raise TrainError("--kernel triton cannot run --use-dora: the triton kernels do not fuse DoRA's "
-                             "magnitude / norm scale; use --kernel auto (the DoRA term in PyTorch) or torch")
+            raise TrainError("--backend triton cannot run --use-dora: the triton kernels do not fuse DoRA's "
+                             "magnitude / norm scale; use --backend auto (the DoRA term in PyTorch) or torch")
     fsdp.check(cfg)
     if cfg.torch_compile and fsdp.wanted(cfg):
         raise TrainError("--torch-compile with FSDP: compiled sharded training was not built or tested here; "
@@ -137,9 +137,9 @@ def _triton_problem() -> str | None:
 
 def _triton_precision_problem(cfg: TrainConfig) -> str | None:
     # The base loads in fp32; only autocast hands the kernels the fp16/bf16 activations they take.
-    if cfg.kernel == "triton" and cfg.mixed_precision == "no":
-        return ("--kernel triton takes fp16/bf16 activations, and without autocast they are fp32: add "
-                "--mixed-precision bf16, or use --kernel auto")
+    if cfg.backend == "triton" and cfg.mixed_precision == "no":
+        return ("--backend triton takes fp16/bf16 activations, and without autocast they are fp32: add "
+                "--mixed-precision bf16, or use --backend auto")
     return None
 
 
@@ -282,7 +282,7 @@ def train_loop(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult
         model = _build_lora(cfg, base, peft_cfg, tokenizer)
     except ValueError as e:  # preflight matched the targets on the model's skeleton; this is the real one
         raise TrainError(f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0]}") from None
-    model.set_kernel(cfg.kernel)
+    model.set_backend(cfg.backend)
     lora = model  # the LoraModel itself (`model` becomes Accelerate's wrapper after prepare)
     if main:
         model.print_trainable_parameters()

@@ -17,9 +17,13 @@ def test_triton_without_cuda_or_interpreter(monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA, so triton is available")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # explicitly off: compare must not turn it on
+    assert main(["equivalence", "--backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'triton' needs a CUDA GPU" in err and "TRITON_INTERPRET=1" in err
+    # --kernel, the old name of --backend: the same check, plus one note
     assert main(["equivalence", "--kernel", "triton"]) == 2
     err = capsys.readouterr().err
-    assert "kernel 'triton' needs a CUDA GPU" in err and "TRITON_INTERPRET=1" in err
+    assert "note: --kernel is deprecated: use --backend" in err and "backend 'triton' needs a CUDA GPU" in err
 
 
 def test_bad_rank(capsys):

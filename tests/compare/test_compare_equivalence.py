@@ -109,7 +109,7 @@ def test_equivalence_triton_interpreter_nf4(tmp_path):
     """Our triton backend (Triton's interpreter on CPU) against peft on an nf4 base, bf16 activations."""
     env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "eq.json"
-    cmd = [sys.executable, "-m", "compare", "equivalence", "--kernel", "triton", "--quantization", "nf4",
+    cmd = [sys.executable, "-m", "compare", "equivalence", "--backend", "triton", "--quantization", "nf4",
            "--batch", "1", "--seq", "8", "--steps", "2", "--json", str(out)]
     # One torch thread, as in the rest of this directory (see conftest.py).
     env["OMP_NUM_THREADS"] = "1"
@@ -119,5 +119,5 @@ def test_equivalence_triton_interpreter_nf4(tmp_path):
         pytest.skip(f"the Triton ops are not in this checkout yet: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
-    assert data["ok"] and data["spec"]["kernel"] == "triton" and data["spec"]["dtype"] == "bfloat16"
+    assert data["ok"] and data["spec"]["backend"] == "triton" and data["spec"]["dtype"] == "bfloat16"
     assert len(data["rows"]) == len(EXPECTED)

@@ -20,7 +20,7 @@ class OneLayer(torch.nn.Module):
         super().__init__()
         from lora_core import LoraLinear
 
-        self.layer = LoraLinear(torch.nn.Linear(k, n), r=r, lora_alpha=2 * r, kernel="torch")
+        self.layer = LoraLinear(torch.nn.Linear(k, n), r=r, lora_alpha=2 * r, backend="torch")
         self.layer.base_layer.requires_grad_(False)
         torch.nn.init.normal_(self.layer.lora_B["default"].weight)
 

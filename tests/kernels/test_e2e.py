@@ -1,5 +1,5 @@
 """End to end (issue 3, "What must be shown" 2): a tiny Llama with an NF4 (double-quantized) base,
-LoRA on it, trained a few steps with set_kernel("triton") gives the same losses as with "torch".
+LoRA on it, trained a few steps with set_backend("triton") gives the same losses as with "torch".
 
 On CPU the Triton kernels run through the interpreter (tests/kernels/conftest.py sets
 TRITON_INTERPRET=1), so the model and the run are as small as still proves the point: 2 layers,
@@ -44,7 +44,7 @@ def _train(lora_core, path, kernel: str, dropout: float = 0.0, steps: int = STEP
     config = lora_core.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
                                   target_modules=["q_proj", "v_proj", "down_proj"])
     lm = lora_core.get_lora_model(model, config)
-    lm.set_kernel(kernel)
+    lm.set_backend(kernel)
     lm.train()
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)  # plain SGD: weight differences track gradient differences

@@ -39,7 +39,7 @@ def adapter(tmp_path_factory):
 def _pair(adapter, quantization):
     base_dir, adapter_dir = adapter
     ours = LoraModel.from_pretrained(load_tiny(base_dir, "llama", quantization), adapter_dir, is_trainable=True)
-    ours.set_kernel("torch")
+    ours.set_backend("torch")
     theirs = peft.PeftModel.from_pretrained(load_tiny(base_dir, "llama", quantization), adapter_dir,
                                             is_trainable=True)
     for m in (ours, theirs):

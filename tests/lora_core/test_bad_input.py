@@ -85,8 +85,8 @@ def test_model_that_already_has_lora_layers():
 def test_unknown_kernel_leaves_model_unchanged():
     model = build("llama")
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="kernel='bogus'"):
-        get_lora_model(model, LoraConfig(), kernel="bogus")
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        get_lora_model(model, LoraConfig(), backend="bogus")
     assert_unchanged(model, snap)
 
 

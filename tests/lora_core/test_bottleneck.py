@@ -137,6 +137,6 @@ def test_refusals_name_the_reason(tmp_path):
     model = lora_core.LoraModel.from_pretrained(tiny_starcoder(), tmp_path / "adapter")
     with pytest.raises(ValueError, match="not linear, so it has no weight delta to merge"):
         model.merge_adapter()
-    model.set_kernel("triton")
+    model.set_backend("triton")
     with pytest.raises(ValueError, match="needs an activation on u"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long))

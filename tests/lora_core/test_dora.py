@@ -156,10 +156,10 @@ def test_mixed_batch_with_dora_rows(tmp_path):
 
 def test_triton_backend_refuses_dora_with_the_reason(tmp_path):
     ours, _ = _dora_pair(tmp_path)
-    ours.set_kernel("triton")
+    ours.set_backend("triton")
     with pytest.raises(ValueError, match="DoRA's magnitude / weight-norm output scale is not fused"):
         ours(**example_inputs("llama"))
-    ours.set_kernel("torch")
+    ours.set_backend("torch")
     ours(**example_inputs("llama"))  # and the torch backend runs it
 
 

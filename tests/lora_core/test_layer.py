@@ -130,7 +130,7 @@ def test_dropout_seed_follows_torch_manual_seed():
 
 def test_bad_kernel_name():
     with pytest.raises(ValueError, match="bogus"):
-        LoraLinear(nn.Linear(K, N), kernel="bogus")
+        LoraLinear(nn.Linear(K, N), backend="bogus")
 
 
 # ---- quant: base_weight views and dequantization vs bitsandbytes -----------------------------------

@@ -154,10 +154,10 @@ def test_ia3_on_nf4_with_bf16_compute_keeps_the_dtype(tmp_path):
 
 def test_triton_refuses_what_the_kernels_cannot_compute():
     ours, _ = pair("ia3", "llama")
-    ours.set_kernel("triton")
+    ours.set_backend("triton")
     with pytest.raises(ValueError, match="cannot run this ia3 adapter: the fused kernels have no row/column scale"):
         ours(**inputs("llama", labels=False))
-    ours.set_kernel("auto")  # auto: the base where it can, the scale in PyTorch
+    ours.set_backend("auto")  # auto: the base where it can, the scale in PyTorch
     assert torch.isfinite(ours(**inputs("llama", labels=False)).logits).all()
 
 

@@ -1,5 +1,5 @@
 """LoraModel: parameter counts (peft's numbers and text), forwarding to the HF model,
-disable_adapter, set_kernel, state_dict layout, merge_and_unload's result type."""
+disable_adapter, set_backend (and the deprecated kernel names), state_dict layout, merge_and_unload's result type."""
 import contextlib
 import io as stdio
 
@@ -115,19 +115,39 @@ def test_disable_adapter_gives_base_output_and_restores():
     assert not any(m.disabled for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSave)))
 
 
-def test_set_kernel_reaches_every_layer():
+def test_set_backend_reaches_every_layer():
     model = get_lora_model(build("t5"), LoraConfig(target_modules="all-linear"))
-    model.set_kernel("torch")
-    assert {layer.kernel for layer in model.lora_layers().values()} == {"torch"}
+    model.set_backend("torch")
+    assert {layer.backend for layer in model.lora_layers().values()} == {"torch"}
     with pytest.raises(ValueError, match="bogus"):
-        model.set_kernel("bogus")
-    assert {layer.kernel for layer in model.lora_layers().values()} == {"torch"}  # unchanged
+        model.set_backend("bogus")
+    assert {layer.backend for layer in model.lora_layers().values()} == {"torch"}  # unchanged
 
 
-def test_kernel_and_lora_dtype_options():
-    model = get_lora_model(build("llama"), LoraConfig(), lora_dtype=torch.bfloat16, kernel="torch")
+def test_backend_and_lora_dtype_options():
+    model = get_lora_model(build("llama"), LoraConfig(), lora_dtype=torch.bfloat16, backend="torch")
     layer = next(iter(model.lora_layers().values()))
-    assert layer.kernel == "torch" and layer.lora_A["default"].weight.dtype == torch.bfloat16
+    assert layer.backend == "torch" and layer.lora_A["default"].weight.dtype == torch.bfloat16
+    # layers a later adapter adds take the model's backend too
+    model.add_adapter("other", LoraConfig(target_modules=["o_proj"]))
+    assert {m.backend for m in model.lora_layers().values()} == {"torch"}
+
+
+def test_kernel_is_a_deprecated_name_of_backend():
+    """`kernel=` / `set_kernel` / `.kernel` (the knob's old name) still work, each with a FutureWarning."""
+    with pytest.warns(FutureWarning, match="kernel=.*deprecated.*backend="):
+        model = get_lora_model(build("llama"), LoraConfig(), kernel="torch")
+    assert {m.backend for m in model.lora_layers().values()} == {"torch"}
+    with pytest.warns(FutureWarning, match="set_kernel is deprecated"):
+        model.set_kernel("auto")
+    layer = next(iter(model.lora_layers().values()))
+    assert layer.backend == "auto"
+    with pytest.warns(FutureWarning, match="use .backend"):
+        assert layer.kernel == "auto"
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="backend='bogus'"):
+        layer.kernel = "bogus"
+    with pytest.warns(FutureWarning, match="LoraLinear\\(kernel=...\\) is deprecated"):
+        assert LoraLinear(nn.Linear(4, 3), kernel="torch").backend == "torch"
 
 
 def test_merge_and_unload_returns_plain_model():

@@ -383,12 +383,12 @@ def test_triton_backend_runs_the_active_adapter_and_falls_back_for_a_mixed_batch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 96, device=device, dtype=torch.bfloat16)
-    layer = LoraLinear(base, r=4, init_lora_weights=False, kernel="triton").eval()
+    layer = LoraLinear(base, r=4, init_lora_weights=False, backend="triton").eval()
     layer.add_adapter("other", LoraAdapter(64, 96, r=8, lora_alpha=4, init_lora_weights=False, device=device))
     x = torch.randn(3, 5, 64, device=device, dtype=torch.bfloat16)
 
     def run(kernel, **kw):
-        layer.kernel = kernel
+        layer.backend = kernel
         with torch.no_grad():
             return layer(x, **kw).float()
     # bf16 output: the triton kernel accumulates in a different order than torch's matmul (~1 bf16 ulp)

@@ -37,7 +37,7 @@ def test_float_quant_storage_gives_the_same_outputs_and_grads_as_uint8():
     for storage in (torch.uint8, torch.bfloat16):
         base = make_4bit(storage)
         assert base.weight.dtype == storage and base.weight.numel() * base.weight.element_size() == N * K // 2
-        layer = LoraLinear(base, r=4, lora_alpha=8, init_lora_weights=False, kernel="torch")
+        layer = LoraLinear(base, r=4, lora_alpha=8, init_lora_weights=False, backend="torch")
         torch.manual_seed(1)
         for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
             nn.init.normal_(p)
@@ -52,7 +52,7 @@ def test_numerically_cast_quant_storage_is_refused():
     """FSDP mixed precision with another param_dtype converts the packed words as numbers: the bytes
     are then garbage, and the dtype no longer matches the layer's quant_storage."""
     base = make_4bit(torch.bfloat16)
-    layer = LoraLinear(base, r=4, kernel="torch")
+    layer = LoraLinear(base, r=4, backend="torch")
     layer(torch.randn(2, K, dtype=torch.bfloat16))  # fine as stored
     base.weight.data = base.weight.data.to(torch.float16)  # what a cast to param_dtype fp16 does
     with pytest.raises(RuntimeError, match="cast the packed bytes numerically"):
@@ -67,7 +67,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from lora_core import LoraLinear
 
 dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
-layer = LoraLinear(nn.Linear(64, 32), r=4, kernel="torch")
+layer = LoraLinear(nn.Linear(64, 32), r=4, backend="torch")
 y = layer(torch.randn(3, 64))  # whole weight: fine, builds the cached record
 w = layer.base_layer.weight
 mesh = init_device_mesh("cpu", (1,))

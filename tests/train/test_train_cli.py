@@ -33,7 +33,7 @@ def test_help_lists_every_flag_with_its_default():
                  "--max-grad-norm", "--logging-steps", "--eval-steps", "--save-steps",
                  "--resume-from-checkpoint", "--mixed-precision", "--gradient-checkpointing", "--seed",
                  "--max-length", "--quantization {none,nf4,fp4,int8}", "--r R", "--lora-alpha",
-                 "--lora-dropout", "--target-modules", "--kernel {auto,torch,triton}", "--merge"]:
+                 "--lora-dropout", "--target-modules", "--backend {auto,torch,triton}", "--merge"]:
         assert flag in text, flag
 
 
@@ -43,6 +43,24 @@ def test_parse_args_round_trips_to_the_dataclass():
     assert parse_args([]) == TrainConfig()
     cfg = parse_args(["--r", "4", "--no-completion-only-loss", "--merge", "--quantization", "int8"])
     assert (cfg.r, cfg.completion_only_loss, cfg.merge, cfg.quantization) == (4, False, True, "int8")
+
+
+def test_old_kernel_flag_is_read_as_backend_with_a_note(capsys):
+    """--kernel is --backend's old name: same value, one note on stderr; a sweep key too."""
+    from train.config import parse_args
+
+    assert parse_args(["--backend", "torch"]).backend == "torch"
+    assert capsys.readouterr().err == ""
+    for argv in (["--kernel", "torch"], ["--kernel=torch"]):
+        assert parse_args(argv).backend == "torch"
+        assert capsys.readouterr().err.strip() == "note: --kernel is deprecated: use --backend"
+
+    from compare.ablation import validate_grid
+    from train import TrainConfig
+
+    with pytest.warns(FutureWarning, match="'kernel' is deprecated: use 'backend'"):
+        base, grid = validate_grid(TrainConfig, {"kernel": "torch"}, {"r": [4]})
+    assert base == {"backend": "torch"} and grid == {"r": [4]}
 
 
 def test_cli_bad_input_exits_2_with_one_line_and_keeps_earlier_output(tmp_path, data_file):

@@ -62,12 +62,12 @@ class TestRefusedData:
         if torch.cuda.is_available():
             pytest.skip("triton can run here")
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        _expect(fast_cfg(kernel="triton"), r"--kernel triton needs a CUDA GPU, or TRITON_INTERPRET=1")
+        _expect(fast_cfg(backend="triton"), r"--backend triton needs a CUDA GPU, or TRITON_INTERPRET=1")
 
     def test_triton_kernel_without_autocast(self, fast_cfg, monkeypatch):
         # Would be a traceback from kernels.dispatch at the first forward, after the model loaded.
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        _expect(fast_cfg(kernel="triton"), r"--kernel triton takes fp16/bf16 activations.*--mixed-precision bf16")
+        _expect(fast_cfg(backend="triton"), r"--backend triton takes fp16/bf16 activations.*--mixed-precision bf16")
 
 
 def test_targets_check_counts_rows_and_warns_on_a_large_share(capsys):

@@ -64,8 +64,8 @@ def test_triton_kernel_with_dora_is_refused_before_any_work(fast_cfg, no_model_l
 
     monkeypatch.setattr(loop, "_triton_problem", lambda: None)  # as if triton could run here
     monkeypatch.setattr(loop, "_triton_precision_problem", lambda cfg: None)
-    with pytest.raises(TrainError, match="--kernel triton cannot run --use-dora"):
-        run(fast_cfg(kernel="triton", use_dora=True))
+    with pytest.raises(TrainError, match="--backend triton cannot run --use-dora"):
+        run(fast_cfg(backend="triton", use_dora=True))
 
 
 def test_dora_olora_loraplus_run_trains_and_saves_peft_s_dora_file(fast_cfg, monkeypatch):
