@@ -178,6 +178,23 @@ def reference(provider: str, sh: Shared, x: torch.Tensor, g: Optional[torch.Tens
     return {k: tuple(v) for k, v in out.items()}
 
 
+def outputs(layer: Layer, x: torch.Tensor, g: Optional[torch.Tensor]) -> dict:
+    """What `check` compares: y [M, N], and with an upstream gradient g [M, N] also dx [M, K] and
+    (for providers with LoRA parameters) dA [r, K], dB [N, r]."""
+    if g is None:
+        with torch.no_grad():
+            return {"y": layer.fwd(x)}
+    for p in layer.params:
+        p.grad = None
+    x = x.detach().requires_grad_()
+    y = layer.fwd(x)
+    y.backward(g)
+    out = {"y": y.detach(), "dx": x.grad}
+    if layer.params:
+        out.update(dA=layer.params[0].grad, dB=layer.params[1].grad)
+    return out
+
+
 def check(got: dict, ref: dict, u: float = 2.0**-8) -> str:
     """"ok", or what is off: |got - ref| <= 4u (|ref| + mag) elementwise for every output (bf16
     roundings of the output and of the operands, tf32 LoRA products, the x.dtype decode of the gemv

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import bench_table
-from lora_providers import DECODE_ONLY, PROVIDERS, build, check, flops, reference, shared
+from lora_providers import DECODE_ONLY, PROVIDERS, build, check, flops, outputs, reference, shared
 
 ON_GPU = torch.cuda.is_available()
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
@@ -75,22 +75,6 @@ def _step(layer, x, g, train):
     layer.fwd(x).backward(g)
 
 
-def _outputs(layer, x, g, train) -> dict:
-    """What the check compares: y, and with train dx, dA, dB."""
-    if not train:
-        with torch.no_grad():
-            return {"y": layer.fwd(x)}
-    for p in layer.params:
-        p.grad = None
-    x = x.detach().requires_grad_()
-    y = layer.fwd(x)
-    y.backward(g)
-    out = {"y": y.detach(), "dx": x.grad}
-    if layer.params:
-        out.update(dA=layer.params[0].grad, dB=layer.params[1].grad)
-    return out
-
-
 def _strategy(M, K, N) -> str:
     import kernels
 
@@ -109,7 +93,8 @@ def _run_row(benchmark, provider, K, N, M, mode):
     xs, g = _inputs(M, K, N, device, train)
     row = dict(provider=provider, K=K, N=N, M=M, mode=mode)
     kernels.backends.reset_report()
-    row["check"] = check(_outputs(layer, xs[0], g, train), reference(provider, sh, xs[0], g if train else None))
+    g_or_none = g if train else None
+    row["check"] = check(outputs(layer, xs[0], g_or_none), reference(provider, sh, xs[0], g_or_none))
     it = itertools.cycle(xs)
     step = lambda: _step(layer, next(it), g, train)  # noqa: E731
     if ON_GPU:

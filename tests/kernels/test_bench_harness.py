@@ -18,17 +18,6 @@ pytest.importorskip("bitsandbytes")
 M, K, N = 6, 128, 96  # K % 64 == 0: bitsandbytes' CPU kernels
 
 
-def _outputs(layer, x, g):
-    """y, dx, dA, dB of one forward + backward."""
-    x = x.detach().requires_grad_()
-    y = layer.fwd(x)
-    y.backward(g)
-    out = {"y": y.detach(), "dx": x.grad}
-    if layer.params:
-        out.update(dA=layer.params[0].grad, dB=layer.params[1].grad)
-    return out
-
-
 @pytest.fixture(scope="module")
 def shape():
     sh = lora_providers.shared(K, N, torch.device("cpu"))
@@ -42,12 +31,13 @@ def shape():
 def test_each_provider_passes_its_check(shape, provider):
     sh, x, g = shape
     layer = lora_providers.build(provider, sh, torch.device("cpu"))
-    assert lora_providers.check(_outputs(layer, x, g), lora_providers.reference(provider, sh, x, g)) == "ok"
+    got = lora_providers.outputs(layer, x, g)
+    assert lora_providers.check(got, lora_providers.reference(provider, sh, x, g)) == "ok"
 
 
 def test_the_check_fails_a_wrong_weight_and_a_missing_output(shape):
     sh, x, g = shape
-    dense = _outputs(lora_providers.build("dense-lora-unfused", sh, torch.device("cpu")), x, g)
+    dense = lora_providers.outputs(lora_providers.build("dense-lora-unfused", sh, torch.device("cpu")), x, g)
     quantized_ref = lora_providers.reference("ours-torch", sh, x, g)  # the 4-bit W's spec
     verdict = lora_providers.check(dense, quantized_ref)
     assert verdict.startswith("y: ") and "dx: " in verdict  # the 4-bit error is far above rounding
