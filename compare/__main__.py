@@ -91,7 +91,9 @@ def _spec(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m compare",
+    from train.config import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m compare",
                                      description="Equivalence and speed of lorafuse against peft; ablation "
                                                  "sweeps. Exit codes: 0 ok, 1 a check failed (equivalence) or "
                                                  "a run failed (sweep), 2 bad input (before any work), 130 "

@@ -428,11 +428,20 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{action.help} (default: {fmt})"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad input as one line, `error: <what> (<prog> --help lists the flags)`, exit 2:
+    argparse's own form prints the whole usage block first (dozens of lines for train). Subparsers
+    are built from this class too (add_subparsers uses the parent's type)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per TrainConfig field; --help shows each flag's valid
     values and default. Values are only converted here; `check_config` checks them (one message
     format for the CLI and the Python API)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m train",
         description="LoRA fine-tuning with an explicit Accelerate loop. With no flags: the offline "
                     "demo (tiny Llama, bundled quote->tags data, before/after eval). Exit codes: 0 done, "

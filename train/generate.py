@@ -19,12 +19,12 @@ import os
 import sys
 from pathlib import Path
 
-from .config import BUILTIN_MODEL
+from .config import BUILTIN_MODEL, ArgumentParser
 from .errors import TrainError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.generate",
+    p = ArgumentParser(prog="python -m train.generate",
                                 description="Complete a prompt with a LoRA adapter (PEFT format) on its base model.")
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + weights) or hub id")
     p.add_argument("--prompt", required=True, help="the text to continue")

@@ -45,6 +45,22 @@ def test_parse_args_round_trips_to_the_dataclass():
     assert (cfg.r, cfg.completion_only_loss, cfg.merge, cfg.quantization) == (4, False, True, "int8")
 
 
+def test_argparse_refusals_are_one_line(capsys):
+    """A bad choice or an unknown flag: exit 2 and one `error:` line, no usage block (train's is
+    dozens of lines); the compare and train.generate parsers are the same class."""
+    from compare.__main__ import build_parser as compare_parser
+    from train.config import build_parser
+    from train.generate import build_parser as generate_parser
+
+    for parser, argv in ((build_parser(), ["--backend", "cuda"]), (build_parser(), ["--bogus"]),
+                         (compare_parser(), ["speed", "--batch", "2", "--nope"]),
+                         (compare_parser(), ["sweeep"]), (generate_parser(), [])):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
 def test_old_kernel_flag_is_read_as_backend_with_a_note(capsys):
     """--kernel is --backend's old name: same value, one note on stderr; a sweep key too."""
     from train.config import parse_args
