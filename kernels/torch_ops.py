@@ -168,8 +168,10 @@ def dropout_input(x: torch.Tensor, x_pre_amp: Optional[torch.Tensor], lora_dtype
     (autocast's F.linear then casts the result): `x_pre_amp` is that x when the entry cast it.
     """
     xl = x_pre_amp if x_pre_amp is not None else (x if x.dtype == lora_dtype else x.to(lora_dtype))
-    if seed is None:
+    if seed is None and xl.device.type == "cpu":
         xd = PeftDropoutFunction.apply(xl, p)  # torch's generator: peft's draw, bit for bit
+    elif seed is None:  # CUDA's F.dropout is one fused kernel (its own draw) that already keeps a bool mask
+        xd = F.dropout(xl, p, training=True)
     else:
         keep = reference.dropout_mask(seed, xl.numel() // xl.shape[-1], xl.shape[-1], p, xl.device)
         xd = reference.apply_dropout(xl, keep.view(xl.shape), p)

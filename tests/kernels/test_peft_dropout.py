@@ -95,3 +95,19 @@ def test_loss_grads_and_adamw_trajectory_equal_peft_exactly(adapter, quantizatio
     assert torch.equal(traj["ours"], traj["peft"]), (traj["ours"] - traj["peft"]).abs().max()
     for name, p in params["ours"].items():
         assert torch.equal(p, params["peft"][name]), name
+
+
+def test_off_cpu_the_mask_is_f_dropouts_own():
+    """Off the CPU (CUDA's fused native_dropout draws its own mask and keeps it as bools), the
+    torch backend calls F.dropout itself, so its draw stays peft's there too: on the meta device
+    (no GPU here) the graph node is F.dropout's, not the CPU Function's."""
+    import torch.nn.functional as F
+
+    from kernels.torch_ops import dropout_input
+
+    x = torch.empty(4, 8, device="meta", requires_grad=True)
+    ours = dropout_input(x, None, torch.float32, P, None).grad_fn
+    assert type(ours) is type(F.dropout(x, P, training=True).grad_fn)
+    assert "PeftDropout" not in type(ours).__name__
+    cpu = dropout_input(torch.ones(4, 8, requires_grad=True), None, torch.float32, P, None).grad_fn
+    assert "PeftDropout" in type(cpu).__name__
