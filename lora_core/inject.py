@@ -23,7 +23,7 @@ from . import quant
 from .adapters import build_adapter
 from .config import ALL_LINEAR, LoraConfig, default_target_modules
 from .embedding import LoraEmbedding, build_embedding_adapter
-from .layer import BASE_ROW, LoraLinear
+from .layer import BASE_ROW, LoraLinear, _device_of
 from .methods.adaption_prompt import AdaptedAttention
 
 
@@ -368,12 +368,6 @@ def bias_parameters(model: nn.Module, bias: str, adapter_name: str) -> list[nn.P
         return [m.base_layer.bias for m in model.modules() if isinstance(m, LoraLinear)
                 and adapter_name in m.adapters and getattr(m.base_layer, "bias", None) is not None]
     return []
-
-
-def _device_of(layer: nn.Module) -> Optional[torch.device]:
-    for p in layer.parameters():
-        return p.device
-    return None
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

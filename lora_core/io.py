@@ -522,28 +522,6 @@ def _expected_tensors(tree: nn.Module, targets: set[str], mts: list[str], adapte
     return out
 
 
-def _shape_only_adapters(tree: nn.Module, config: LoraConfig, targets: set[str]) -> dict[str, nn.Module]:
-    """{path: the adapter `config` would put there}, built on the meta device (shapes only: no
-    memory, no random draws, no init reading the base)."""
-    plain = config.copy()
-    plain.init_lora_weights = False
-    out = {}
-    for path in sorted(targets):
-        module = tree.get_submodule(path)
-        k_in, n_out = ((module.in_features, module.out_features) if isinstance(module, LoraLinear)
-                       else quant.in_out_features(module))
-        out[path] = build_adapter(plain, path, k_in, n_out, torch.float32, torch.device("meta"))
-    return out
-
-
-def _adapter_keys(tree: nn.Module, config: LoraConfig, targets: set[str], adapter_name: str) -> dict[str, str]:
-    """{disk key: model key} of the adapter's own tensors: peft's `P.<name>` (P.lora_A.weight,
-    P.lora_B.bias, P.lora_magnitude_vector, ...) is our `P.adapters.<adapter>.<name>`."""
-    return {f"{path}.{name}": f"{path}.adapters.{adapter_name}.{name}"
-            for path, adapter in _shape_only_adapters(tree, config, targets).items()
-            for name, _ in adapter.named_parameters()}
-
-
 def _get(tree: nn.Module, path: str) -> Optional[nn.Module]:
     try:
         return tree.get_submodule(path)

@@ -108,7 +108,7 @@ def model_status(model) -> TunerModelStatus:
     backends = {s.quantization_backend for s in layers}
     return TunerModelStatus(
         base_model_type=type(model.base_model).__name__, adapter_model_type=type(model).__name__,
-        peft_types={n: "LORA" for n in model.peft_config}, trainable_params=trainable, total_params=total,
+        peft_types={n: c.peft_type for n, c in model.peft_config.items()}, trainable_params=trainable, total_params=total,
         num_adapter_layers=len(layers), enabled=enabled.pop() if len(enabled) == 1 else "irregular",
         active_adapters=list(active.pop()) if len(active) == 1 else "irregular", merged_adapters=merged,
         requires_grad={n: _all_or_none(v) for n, v in grads.items()},

@@ -35,7 +35,11 @@ class DenseWeight:
         return tuple(w.shape)
 
     def kernel_args(self) -> KernelArgs:
-        """W read through its strides (no copy); a W in another dtype than x is cast per tile."""
+        """W read through its strides (no copy); a W in another dtype than x is cast per tile.
+        Memoised on the record (several launch steps ask for it)."""
+        done = self.__dict__.get("_kernel_args")
+        if done is not None:
+            return done
         W = self.weight
         N, K = W.shape
         if W.dtype == torch.float64:
@@ -45,5 +49,7 @@ class DenseWeight:
                               "or its .T view")
         if W.stride(0) * (N - 1) + W.stride(1) * (K - 1) > INT32_MAX:
             raise Unsupported(f"dense W [{N}, {K}] spans more than 2**31 elements (int32 offsets)")
-        return KernelArgs(N=N, K=K, fmt=FMT_DENSE, w=W, scale=W, code=W, nested_code=W, nested_absmax=W,
+        done = KernelArgs(N=N, K=K, fmt=FMT_DENSE, w=W, scale=W, code=W, nested_code=W, nested_absmax=W,
                           stride_wn=W.stride(0), stride_wk=W.stride(1))
+        object.__setattr__(self, "_kernel_args", done)
+        return done

@@ -53,9 +53,15 @@ class Int8Weight:
         return n, k
 
     def kernel_args(self) -> KernelArgs:
+        """CB read in place, SCB as the per-row scale; memoised on the record."""
+        done = self.__dict__.get("_kernel_args")
+        if done is not None:
+            return done
         N, K = self.check()
         if N * K > INT32_MAX:
             raise Unsupported(f"int8 CB [{N}, {K}] has 2**31 elements or more (int32 offsets)")
         scb = self.SCB.reshape(-1)
-        return KernelArgs(N=N, K=K, fmt=FMT_INT8, w=self.CB, scale=scb, code=scb, nested_code=scb,
+        done = KernelArgs(N=N, K=K, fmt=FMT_INT8, w=self.CB, scale=scb, code=scb, nested_code=scb,
                           nested_absmax=scb, stride_wn=self.CB.stride(0), stride_wk=self.CB.stride(1))
+        object.__setattr__(self, "_kernel_args", done)
+        return done

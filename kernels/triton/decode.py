@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 import triton
 import triton.language as tl
 
@@ -253,13 +254,15 @@ def uses_pair_table(wa: formats.KernelArgs) -> bool:
     return wa.fmt == formats.FMT_4BIT and wa.K % 2 == 0 and wa.K % wa.blocksize == 0
 
 
+# code tensor [16] -> {dtype: pair table}: keyed by the layer's own code tensor, not by the record,
+# because the custom operators (kernels/ops.py) rebuild the record from its tensors on every call
+_PAIR_TABLES: "WeakIdKeyDictionary[torch.Tensor, dict]" = WeakIdKeyDictionary()
+
+
 def pair_table(weight, dtype: torch.dtype) -> torch.Tensor:
     """int32 [256]: entry b = dtype(code[b >> 4]) in the low 16 bits, dtype(code[b & 15]) in the high
-    ones (tiles.pair_tile). Memoised on the 4-bit record per dtype."""
-    tables = weight.__dict__.get("_pair_tables")
-    if tables is None:
-        tables = {}
-        object.__setattr__(weight, "_pair_tables", tables)
+    ones (tiles.pair_tile). Memoised per code tensor and dtype."""
+    tables = _PAIR_TABLES.setdefault(weight.code, {})
     if dtype not in tables:
         bits = weight.code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # [16]
         b = torch.arange(256, device=bits.device)

@@ -309,3 +309,10 @@ def test_mixed_batch_of_two_ia3_adapters_equals_each_alone():
         assert torch.equal(mixed[row], ours(input_ids=ids[row:row + 1]).logits[0])
     with ours.disable_adapter():
         assert torch.equal(mixed[2], ours(input_ids=ids[2:3]).logits[0])
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_model_status_names_the_method_as_peft_does(method):
+    ours, theirs = pair(method, "llama")
+    assert ours.get_model_status().peft_types == theirs.get_model_status().peft_types == {
+        "default": {"ia3": "IA3", "adalora": "ADALORA"}[method]}
