@@ -156,21 +156,15 @@ def _read_tensors(local: Path, source, lora_io) -> dict[str, torch.Tensor]:
     raise CompareError(f"adapter {source}: no {lora_io.WEIGHTS_NAME} or {lora_io.WEIGHTS_NAME_BIN} in {local}")
 
 
-def _pattern(patterns: Optional[dict], path: str, default):
-    """peft's rank_pattern / alpha_pattern lookup: the first key p such that `(.*\\.)?(p)$` matches."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
 def _pair(path: str, A: torch.Tensor, B: torch.Tensor, config: dict, source) -> LoraPair:
+    from lora_core.inject import pattern_value  # peft's rank_pattern / alpha_pattern lookup
+
     r = A.shape[0]
-    r_cfg = _pattern(config.get("rank_pattern"), path, config.get("r", r))
+    r_cfg = pattern_value(config.get("rank_pattern") or {}, path, config.get("r", r))
     if r_cfg != r:
         raise CompareError(f"adapter {source}: {path} has rank {r} in its weights but {r_cfg} in "
                            f"adapter_config.json (r / rank_pattern), so its scaling is unknown")
-    alpha = _pattern(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     A, B = A.detach().double(), B.detach().double()
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):

@@ -101,15 +101,15 @@ class ModelSpec:
 
 def check_backend_available(backend: str) -> None:
     """Raise CompareError when `backend` cannot run on this machine (before any model is built)."""
-    import os
-
     if backend != "triton":
         return
     try:
         import triton  # noqa: F401
     except ImportError as e:
         raise CompareError(f"backend 'triton' needs the triton package ({e}); use --backend torch") from None
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    from kernels.triton import interpreting
+
+    if not torch.cuda.is_available() and not interpreting():
         raise CompareError(
             "backend 'triton' needs a CUDA GPU, or Triton's interpreter on CPU (set TRITON_INTERPRET=1 "
             "before triton is imported; `python -m compare` does this itself); use --backend torch")

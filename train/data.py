@@ -299,7 +299,7 @@ def tokenize_classification(ds: datasets.Dataset, tokenizer, template: str, labe
 def target_count(labels: torch.Tensor, shift: int) -> torch.Tensor:
     """What one batch's loss averages over: target tokens of labels [B, T] (position >= shift, not
     -100), or the rows of class labels [B] (sequence classification)."""
-    return torch.tensor(labels.numel()) if labels.dim() == 1 else (labels[:, shift:] != -100).sum()
+    return labels.new_tensor(labels.numel()) if labels.dim() == 1 else (labels[:, shift:] != -100).sum()
 
 
 def pack(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:

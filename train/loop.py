@@ -127,9 +127,11 @@ def _triton_problem() -> str | None:
         import triton  # noqa: F401
     except ImportError as e:
         return f"needs the triton package ({e})"
-    # The rule of kernels.dispatch: on CPU tensors triton runs only through its interpreter, which
-    # triton reads from the environment when it is imported.
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    # On CPU tensors triton runs only through its interpreter, which triton reads from the
+    # environment when it is imported (kernels.triton.interpreting reads it the same way).
+    from kernels.triton import interpreting
+
+    if not torch.cuda.is_available() and not interpreting():
         return ("needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run Triton's CPU "
                 "interpreter (slow, for tests)")
     return None
