@@ -278,16 +278,20 @@ def check_trajectory(pair: Pair, batches: list[dict], tol, lr: float = 1e-3) -> 
     return _trajectory_row(f"training trajectory ({len(batches)} AdamW steps, loss)", losses, tol, {"lr": lr})
 
 
-def _adamw_losses(model, batches: list[dict], lr: float = 1e-3) -> list[float]:
-    """The loss of each of len(batches) AdamW steps on `model`'s LoRA parameters (train mode)."""
+def _adamw_losses(model, batches: list[dict], lr: float = 1e-3, params: Optional[list] = None,
+                  after_step: Optional[Callable[[int], None]] = None) -> list[float]:
+    """The loss of each of len(batches) AdamW steps on `params` (default: `model`'s LoRA parameters),
+    in train mode; after_step(step) runs after each optimizer step, the gradients still there."""
     model.train()
-    opt = torch.optim.AdamW(lora_params(model), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(lora_params(model) if params is None else params, lr=lr, weight_decay=0.01)
     seq = []
-    for b in batches:
+    for step, b in enumerate(batches, start=1):
         opt.zero_grad(set_to_none=True)
         loss = model(**b).loss
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step(step)
         seq.append(loss.item())
     opt.zero_grad(set_to_none=True)
     return seq

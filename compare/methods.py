@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from . import models
-from .equivalence import Report, _row, check_counts, check_grads, logits_of, no_dropout, tolerances
+from .equivalence import (Report, _adamw_losses, _row, _trajectory_row, check_counts, check_grads, logits_of, no_dropout,
+                          tolerances)
 from .models import CompareError, ModelSpec, Pair, example_batch, load_base
 from .report import Row, diff
 
@@ -108,25 +109,11 @@ def check_trajectory(pair: Pair, batches: list[dict], tol, allocate: bool, lr: f
     does); the loss at every step, and for AdaLoRA the final rank pattern."""
     losses = {}
     for side, model in (("ours", pair.ours), ("peft", pair.peft)):
-        model.train()
-        opt = torch.optim.AdamW([p for _, p in trainable(model)], lr=lr, weight_decay=0.01)
-        seq = []
-        for step, b in enumerate(batches, start=1):
-            loss = model(**b).loss
-            loss.backward()
-            opt.step()
-            if allocate:
-                (model if side == "ours" else model.base_model).update_and_allocate(step)
-            opt.zero_grad(set_to_none=True)
-            seq.append(loss.item())
-        losses[side] = seq
-    o, p = torch.tensor(losses["ours"]), torch.tensor(losses["peft"])
-    per_step = ((o - p).abs() / p.abs().clamp_min(1e-12)).tolist()
-    worst = max(range(len(per_step)), key=per_step.__getitem__)
-    rows = [_row(f"training trajectory ({len(batches)} AdamW steps{', rank allocation' if allocate else ''}, loss)",
-                 (o - p).abs().max().item(), per_step[worst], tol,
-                 where=f"step {worst + 1}: ours {o[worst]:.6f} peft {p[worst]:.6f}",
-                 detail={"loss_ours": losses["ours"], "loss_peft": losses["peft"], "lr": lr})]
+        allocator = model if side == "ours" else model.base_model  # peft's update_and_allocate is its tuner's
+        losses[side] = _adamw_losses(model, batches, lr, params=[p for _, p in trainable(model)],
+                                     after_step=allocator.update_and_allocate if allocate else None)
+    rows = [_trajectory_row(f"training trajectory ({len(batches)} AdamW steps"
+                            f"{', rank allocation' if allocate else ''}, loss)", losses, tol, {"lr": lr})]
     if allocate:
         mine = pair.ours.peft_config["default"].rank_pattern or {}
         ref = {k.replace(".default", ""): v for k, v in (pair.peft.peft_config["default"].rank_pattern or {}).items()}
