@@ -23,7 +23,7 @@ from . import quant
 from .adapters import build_adapter
 from .config import ALL_LINEAR, LoraConfig, default_target_modules
 from .embedding import LoraEmbedding, build_embedding_adapter
-from .layer import BASE_ROW, LoraLinear, _device_of
+from .layer import BASE_ROW, LoraLinear, _device_of, row_groups
 from .methods.adaption_prompt import AdaptedAttention
 
 
@@ -72,12 +72,8 @@ class ModulesToSave(nn.Module):
         # mixed batch: each group of rows through its adapter's copy (or the original)
         if len(rows) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(rows)} entries but the input has {x.shape[0]} rows")
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(rows):
-            groups.setdefault(name, []).append(i)
         out = None
-        for name, idx in groups.items():
-            idx = torch.tensor(idx, device=x.device)
+        for name, idx in row_groups(rows, x.device).items():  # idx [b]: this name's rows
             module = self.original_module if name == BASE_ROW else self.module_for(name)
             part = module(x.index_select(0, idx), *args, **kwargs)  # [b, ...]
             if out is None:

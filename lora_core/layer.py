@@ -29,6 +29,7 @@ finite-checked before anything is written, and never triggered by `train()` / `e
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -201,19 +202,16 @@ class LoraLinear(nn.Module):
         if self.merged_adapters:
             raise ValueError(f"adapter_names given while adapters {self.merged_adapters} are merged into "
                              f"the base weights; call unmerge_adapter() first")
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            groups.setdefault(name, []).append(i)
+        groups = row_groups(names, x.device)
         if len(groups) == 1:  # every row alike: the ordinary path (fused for one LoRA adapter)
             (name,) = groups
             return self._apply_adapters(x, [self.adapters[name]] if name in self.adapters else [])
         y = self._base(x)  # [B, ..., N]: one base pass for every row
-        todo = [(n, rows) for n, rows in groups.items() if n != BASE_ROW and n in self.adapters]
+        todo = [(n, idx) for n, idx in groups.items() if n != BASE_ROW and n in self.adapters]
         if todo:
             self._note_torch_terms(x, "a mixed batch (adapter_names)")
-        for name, rows in todo:
+        for name, idx in todo:
             adapter = self.adapters[name]
-            idx = torch.tensor(rows, device=x.device)
             part = x.index_select(0, idx)  # [b, ..., K]
             if getattr(adapter, "term", None) is not None:  # additive: add to its rows in place, as peft's +=
                 y.index_add_(0, idx, adapter.term(part).to(y.dtype))
@@ -427,6 +425,21 @@ def _check_finite(w: torch.Tensor) -> None:
     if not torch.isfinite(w).all():
         raise ValueError("merged weight would have non-finite values (overflow in the base dtype); "
                          "refusing to merge. The base weight is unchanged.")
+
+
+def row_groups(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """A mixed batch's rows per adapter name, {name: row indices [b] int64 on `device`}, in order of
+    first appearance. Every wrapped layer of one forward (and every decode step of a generate) asks
+    with the same names: memoised, so the index tensors are copied to the device once."""
+    return _row_groups(tuple(names), device)
+
+
+@functools.lru_cache(maxsize=16)
+def _row_groups(names: tuple, device: torch.device) -> dict[str, torch.Tensor]:
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        rows.setdefault(name, []).append(i)
+    return {name: torch.tensor(r, device=device) for name, r in rows.items()}
 
 
 def resolve_backend(backend: str, kernel: Optional[str], where: str) -> str:

@@ -400,3 +400,16 @@ def test_triton_backend_runs_the_active_adapter_and_falls_back_for_a_mixed_batch
     with pytest.warns(UserWarning, match="mixed batch.*PyTorch"):
         mixed = run("triton", adapter_names=names)
     torch.testing.assert_close(mixed, run("torch", adapter_names=names), **tol)
+
+
+def test_mixed_batch_row_index_is_built_once_per_names():
+    """Every wrapped layer (and every decode step) of a mixed batch asks for the same row groups:
+    the index tensors are made once, in order of first appearance."""
+    from lora_core.layer import row_groups
+
+    names = ["b", "__base__", "b", "a"]
+    groups = row_groups(names, torch.device("cpu"))
+    assert list(groups) == ["b", "__base__", "a"]
+    assert [groups[n].tolist() for n in groups] == [[0, 2], [1], [3]]
+    again = row_groups(list(names), torch.device("cpu"))
+    assert all(again[n] is groups[n] for n in groups)
